@@ -1,0 +1,52 @@
+"""Score a submission with the official iQIYI-VID-2019 mAP (`rayvid.metrics`).
+
+    python jobs/evaluate.py --gt val_gt.txt --submission submission.txt [--per-id-csv ap.csv]
+
+Prints `mAP 0.XXXX over N identities` and the 5 worst identities; exits 2 with a one-line
+error on a malformed or missing file.
+"""
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from rayvid import metrics  # noqa: E402
+
+logger = logging.getLogger("evaluate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gt", required=True, help="val_gt.txt-format file")
+    parser.add_argument("--submission", required=True, help="submission file")
+    parser.add_argument("--per-id-csv", help="write id,ap,n_relevant per gt identity here")
+    parser.add_argument("--max-id", type=int, default=metrics.NUM_IDENTITIES)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        gt = metrics.read_gt(args.gt, args.max_id)
+        submission = metrics.read_submission(args.submission)
+    except (OSError, ValueError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if extra := len(submission.keys() - gt.keys()):
+        logger.warning("%d submission ids are not in the gt: ignored", extra)
+    result = metrics.score_identities(gt, submission)
+    print(f"mAP {result.map:.4f} over {len(gt)} identities")
+    for identity, ap in result.worst(5):
+        print(f"  worst: id {identity}  AP {ap:.4f}  |G| {len(gt[identity])}")
+    if args.per_id_csv:
+        with open(args.per_id_csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "ap", "n_relevant"])
+            for identity, ap in sorted(result.per_id.items()):
+                writer.writerow([identity, f"{ap:.6f}", len(gt[identity])])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
