@@ -306,3 +306,19 @@ def map_from_scores(
     10,035 classes x 50k clips.
     """
     return score_arrays(scores, labels, top_k, chunk_size=chunk_size).map
+
+
+def map_from_topk(topk: "TopKPerIdentity", label_of: np.ndarray) -> float:
+    """Fold mAP from a running top-k (rayvid.submission.TopKPerIdentity) without a score
+    matrix: label_of[clip_index] is every fed clip's label (0 = noise), which also gives
+    |G| per identity (all clips fed, not only the kept ones). Mean over identities present.
+    """
+    counts = np.bincount(label_of, minlength=topk.num_classes)[: topk.num_classes]
+    ids = np.flatnonzero(counts[1:]) + 1
+    if not ids.size:
+        return 0.0
+    keys = top_keys(topk.keys[ids], topk.k)  # (n_ids, k) best first, empty slots (0) last
+    index, _ = unpack_rank_keys(keys)
+    filled = keys != 0
+    hits = filled & (label_of[np.where(filled, index, 0)] == ids[:, None])
+    return float(_ap_from_hits(hits, counts[ids]).mean())

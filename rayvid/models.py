@@ -110,9 +110,13 @@ def _mlp_trunk(in_dim: int, spec: Sequence[tuple[int, str, bool, float]]) -> tup
 class MLP(RayvidModel):
     """One of the 4th-place MLPs: `(B, in_dim) float32` fused clip feature -> logits `(B, C)`."""
 
-    def __init__(self, arch: str, in_dim: int, num_classes: int) -> None:
-        super().__init__(arch, in_dim=in_dim, num_classes=num_classes)
-        self.trunk, width = _mlp_trunk(in_dim, _MLP_SPECS[arch])
+    def __init__(self, arch: str, in_dim: int, num_classes: int,
+                 dropout: float | None = None) -> None:
+        super().__init__(arch, in_dim=in_dim, num_classes=num_classes, dropout=dropout)
+        spec = _MLP_SPECS[arch]
+        if dropout is not None:  # one rate for every layer (a Tune search dimension)
+            spec = [(w, act, bn, dropout) for w, act, bn, _ in spec]
+        self.trunk, width = _mlp_trunk(in_dim, spec)
         self.head = nn.Linear(width, num_classes)
         _init_linear(self)
 
@@ -121,33 +125,33 @@ class MLP(RayvidModel):
 
 
 @register_model("M1")
-def m1(in_dim: int = 512, num_classes: int = NUM_CLASSES) -> MLP:
+def m1(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
     """2-layer-sigmoid."""
-    return MLP("M1", in_dim, num_classes)
+    return MLP("M1", in_dim, num_classes, dropout)
 
 
 @register_model("M2")
-def m2(in_dim: int = 512, num_classes: int = NUM_CLASSES) -> MLP:
+def m2(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
     """3-layer-sigmoid."""
-    return MLP("M2", in_dim, num_classes)
+    return MLP("M2", in_dim, num_classes, dropout)
 
 
 @register_model("M3")
-def m3(in_dim: int = 512, num_classes: int = NUM_CLASSES) -> MLP:
+def m3(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
     """2-layer-swish."""
-    return MLP("M3", in_dim, num_classes)
+    return MLP("M3", in_dim, num_classes, dropout)
 
 
 @register_model("M4")
-def m4(in_dim: int = 512, num_classes: int = NUM_CLASSES) -> MLP:
+def m4(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
     """3-layer-swish."""
-    return MLP("M4", in_dim, num_classes)
+    return MLP("M4", in_dim, num_classes, dropout)
 
 
 @register_model("M5")
-def m5(in_dim: int = 512, num_classes: int = NUM_CLASSES) -> MLP:
+def m5(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
     """3-layer-swish-new, the 4th place's main model."""
-    return MLP("M5", in_dim, num_classes)
+    return MLP("M5", in_dim, num_classes, dropout)
 
 
 class CosineClassifier(nn.Module):

@@ -96,6 +96,11 @@ class TopKPerIdentity:
             both = np.concatenate([self._keys[lo:hi], batch], axis=1)
             self._keys[lo:hi] = top_keys(both, self.k, sort=False)
 
+    @property
+    def keys(self) -> np.ndarray:
+        """(num_classes, k) uint64 rank keys in partition order (0 = empty slot)."""
+        return self._keys
+
     def merge(self, other: TopKPerIdentity) -> None:
         """Fold in another accumulator that saw different clips (e.g. a parallel worker)."""
         if (other.num_classes, other.k) != (self.num_classes, self.k):

@@ -111,6 +111,7 @@ class OptimSection:
     lr: float = 1.5e-4
     warmup_lr: float = 2e-5
     warmup_fraction: float = 9 / 150
+    warmup: str = "linear"  # their code: "constant" 2e-5, then a jump to lr
     schedule: str = "step"
     step_fraction: float = 50 / 150  # halve the lr every third of the run
     min_lr: float = 1e-6
