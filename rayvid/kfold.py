@@ -25,7 +25,6 @@ from rayvid.training import RESULT_FILE, FoldPlan, plan_fold, train_loop_per_wor
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")  # the 4th place folds train+val together (noise = class 0)
 
 
 def transforms(cfg: TrainJobConfig, fold: int) -> tuple[rdata.ClipTransform, rdata.ClipTransform]:
@@ -64,7 +63,7 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
         return json.loads((out / RESULT_FILE).read_text())
     out.mkdir(parents=True, exist_ok=True)
     train_tf, heldout_tf = transforms(cfg, fold)
-    n_train = rdata.count_training_clips(dataset, SPLITS, train_tf)
+    n_train = rdata.count_training_clips(dataset, cfg.folds.splits, train_tf)
     plan = plan_fold(cfg, n_train, rdata.read_meta(dataset)["num_classes"], fold, arch, out)
     train_tf = dataclasses.replace(train_tf, repeats=plan.repeats)
     print(f"[fold {fold} {arch}] {n_train} training clips, {plan.repeats} qFDA draws per clip "
@@ -73,8 +72,9 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "plan": dataclasses.asdict(plan)},
         scaling_config=_scaling(cfg),
-        datasets={"train": rdata.clip_dataset(dataset, SPLITS, train_tf, shuffle=True),
-                  "val": rdata.clip_dataset(dataset, SPLITS, heldout_tf)},
+        datasets={"train": rdata.clip_dataset(dataset, cfg.folds.splits, train_tf, shuffle=True),
+                  # deterministic (qFF): computed once, not re-executed every epoch
+                  "val": rdata.clip_dataset(dataset, cfg.folds.splits, heldout_tf).materialize()},
         dataset_config=DataConfig(datasets_to_split="all"),
         run_config=RunConfig(
             name=f"{cfg.name}-fold{fold}-{arch}", storage_path=str(run_dir / "ray_results"),

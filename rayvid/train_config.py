@@ -149,7 +149,12 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class FoldsSection:
+    """Stratified folds over the clips of `splits`. The 4th place folded train+val together
+    (noise = class 0) for its test submission; rayvid's default folds train alone so that
+    the val split stays unseen and its official mAP is an honest measurement."""
+
     k: int = 5
+    splits: tuple[str, ...] = ("train",)
     run: tuple[int, ...] = ()  # which folds to train; empty = all k
     concurrent: bool = False
 
