@@ -123,17 +123,40 @@ def train_kfold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path) -
             results = list(pool.map(lambda j: train_fold(cfg, dataset, run_dir, *j), jobs))
     else:
         results = [train_fold(cfg, dataset, run_dir, f, a) for f, a in jobs]
-    write_ensemble(cfg, run_dir, results, rdata.read_meta(dataset)["num_classes"])
+    num_classes = rdata.read_meta(dataset)["num_classes"]
+    proto = fit_prototype(cfg, dataset, run_dir, num_classes) if cfg.model.prototype_weight > 0 else None
+    write_ensemble(cfg, run_dir, results, num_classes, proto)
     return results
 
 
+def fit_prototype(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path,
+                  num_classes: int) -> Path:
+    """Class means of every training clip (all folds) as a checkpoint: RUN/prototype."""
+    from rayvid.baseline import class_means
+    from rayvid.checkpoints import save_checkpoint
+    from rayvid.models import build_model
+
+    out = Path(run_dir).resolve() / "prototype"
+    if not (out / "model.pt").exists():
+        means = class_means(str(dataset), cfg.folds.splits, num_classes, cfg.fusion.weighting)
+        head = build_model("prototype", num_classes=num_classes).set_means(means)
+        save_checkpoint(out, head, job_config=to_dict(cfg),
+                        extra={"weighting": dataclasses.asdict(cfg.fusion.weighting)})
+    return out
+
+
 def write_ensemble(cfg: TrainJobConfig, run_dir: str | Path, results: list[dict],
-                   num_classes: int) -> Path:
-    """`ensemble.json`: members (best checkpoint of every fold x arch) + the qFF weighting."""
+                   num_classes: int, prototype: Path | None = None) -> Path:
+    """`ensemble.json`: members (best checkpoint of every fold x arch, plus the prototype
+    head weighted `model.prototype_weight` x the MLPs' total) + the qFF weighting."""
     run_dir = Path(run_dir).resolve()
-    spec = {"members": [{"path": str(Path(r["best"]).resolve().relative_to(run_dir)),
-                         "weight": 1.0, "fold": r["fold"], "arch": r["arch"],
-                         "fold_map": r["best_map"]} for r in results],
+    members = [{"path": str(Path(r["best"]).resolve().relative_to(run_dir)), "weight": 1.0,
+                "fold": r["fold"], "arch": r["arch"], "fold_map": r["best_map"]}
+               for r in results]
+    if prototype is not None:
+        members.append({"path": str(prototype.relative_to(run_dir)), "arch": "prototype",
+                        "weight": cfg.model.prototype_weight * max(len(results), 1)})
+    spec = {"members": members,
             "weighting": dataclasses.asdict(cfg.fusion.weighting),
             "num_classes": num_classes}
     path = run_dir / ENSEMBLE_FILE

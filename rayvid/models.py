@@ -283,3 +283,7 @@ class MultiModal(RayvidModel):
         e = torch.stack([emb(p) for emb, p in zip(self.embed, parts)], dim=1) + self.modality_emb
         w = masked_softmax(self.score(e).squeeze(-1), present.bool())
         return self.head(torch.einsum("bm,bmd->bd", w, e))
+
+
+# Registers "prototype" (kept in its own module; imported last to avoid a cycle).
+from rayvid import prototype as _prototype  # noqa: E402,F401

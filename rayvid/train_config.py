@@ -73,6 +73,9 @@ class QFDASection:
 class ModelSection:
     archs: tuple[str, ...] = ("M5",)
     dropout: float | None = None  # None: each architecture's own dropouts (method.md)
+    # Weight of the prototype (class-mean) head in the ensemble, relative to the MLPs'
+    # total: 0 = the 4th place's pure MLP blend (see rayvid.prototype).
+    prototype_weight: float = 1.0
 
 
 @dataclass(frozen=True)
