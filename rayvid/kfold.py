@@ -87,32 +87,34 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
 
 
 def _finish(out: Path, plan: FoldPlan, result, seconds: float) -> dict:
-    history = _history(result)
+    state = _final_state(result)
+    history = state.get("history", [])
     if not (out / "best").exists():
         raise RuntimeError(f"fold {plan.fold} {plan.arch}: training ended without a checkpoint")
     summary = {"fold": plan.fold, "arch": plan.arch, "best": str(out / "best"),
                "best_map": max((h["fold_map"] for h in history), default=None),
                "seconds": round(seconds, 1), "plan": dataclasses.asdict(plan),
-               "history": history}
+               "restores": state.get("restores", []), "history": history}
     tmp = out / (RESULT_FILE + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(out / RESULT_FILE)
     return summary
 
 
-def _history(result) -> list[dict]:
-    """Per-epoch metrics of the run from its reported checkpoints (the last one holds all)."""
+def _final_state(result) -> dict:
+    """The run's last train state: per-epoch history (trimmed) and the resume points."""
     import torch
 
     from rayvid.training import TRAIN_STATE_FILE
 
     ckpt = result.checkpoint
     if ckpt is None:
-        return []
+        return {}
     with ckpt.as_directory() as d:
         state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
     keep = ("epoch", "step", "loss", "fold_map", "fold_acc", "samples_per_s", "lr")
-    return [{k: h[k] for k in keep if k in h} for h in state["history"]]
+    return {"history": [{k: h[k] for k in keep if k in h} for h in state["history"]],
+            "restores": state.get("restores", [])}
 
 
 def train_kfold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path) -> list[dict]:

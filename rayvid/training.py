@@ -90,7 +90,7 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, An
     """Load the latest Ray checkpoint (after a failure or on a rerun), else a fresh state."""
     import ray.train
 
-    state = {"epoch": 0, "step": 0, "best_map": -1.0, "history": []}
+    state = {"epoch": 0, "step": 0, "best_map": -1.0, "history": [], "restores": []}
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return state
@@ -99,6 +99,7 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, An
         saved = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
     opt.load_state_dict(saved.pop("optimizer"))
     state.update(saved)
+    state["restores"] = state.get("restores", []) + [state["epoch"]]  # resumed after epoch N
     print(f"resumed from checkpoint at epoch {state['epoch']}, step {state['step']}", flush=True)
     return state
 

@@ -1,0 +1,98 @@
+"""Training: the plan's arithmetic, a real Ray Train fold, resume, and a killed worker."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rayvid.config import load_config
+from rayvid.train_config import TrainJobConfig
+from rayvid.training import plan_fold
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["folds.k=2", "optim.batch_size=64", "optim.min_steps=24", "optim.passes=1",
+        "train.epochs=2", "train.log_every_s=1000", "model.prototype_weight=0"]
+
+
+def _cfg(*extra):
+    return load_config(TrainJobConfig, None, TINY + list(extra))
+
+
+def test_plan_spreads_the_size_invariant_total_over_epochs(tmp_path):
+    cfg = load_config(TrainJobConfig, None, ["optim.batch_size=100", "optim.min_steps=1000",
+                                              "train.epochs=10"])
+    plan = plan_fold(cfg, n_train=500, num_classes=11, fold=0, arch="M5", out_dir=tmp_path)
+    # 150 passes x 5 steps = 750 < min_steps: 1000 steps, 100 per epoch, 20 draws per clip.
+    assert (plan.epochs, plan.steps_per_epoch, plan.repeats) == (10, 100, 20)
+    big = plan_fold(cfg, n_train=90_000, num_classes=11, fold=0, arch="M5", out_dir=tmp_path)
+    assert big.total_steps == 150 * 900 and big.repeats == 15  # their 150 passes, 15 per epoch
+    with pytest.raises(ValueError, match="no training clip"):
+        plan_fold(cfg, 0, 11, 0, "M5", tmp_path)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_fold_checkpoints_reports_fold_map_and_skips_when_done(ray_local, sim_dataset,
+                                                                     tmp_path):
+    from rayvid.checkpoints import load_model
+    from rayvid.kfold import train_fold
+
+    result = train_fold(_cfg(), sim_dataset, tmp_path, fold=1, arch="M5")
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert all(0.0 <= h["fold_map"] <= 1.0 for h in result["history"])
+    assert result["best_map"] == max(h["fold_map"] for h in result["history"])
+    model, meta = load_model(result["best"])
+    assert meta["extra"]["fold"] == 1 and model.num_classes == 41
+    assert (Path(result["best"]) / "job_config.yaml").exists()
+    t0 = time.perf_counter()
+    again = train_fold(_cfg(), sim_dataset, tmp_path, fold=1, arch="M5")  # finished: skipped
+    assert again["best_map"] == result["best_map"] and time.perf_counter() - t0 < 5
+
+
+def _worker_pids():
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, sim_dataset, tmp_path):
+    """SIGKILL the Train worker after its first checkpoint: the run restarts from it
+    (FailureConfig), loses at most the epoch in flight, and finishes all epochs."""
+    from rayvid.kfold import train_fold
+
+    cfg = _cfg("train.epochs=4", "optim.min_steps=160", "train.max_failures=2")
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(r=train_fold(cfg, sim_dataset, tmp_path, 0, "M5")))
+    thread.start()
+    ckpts = tmp_path / "ray_results" / "rayvid-fold0-M5"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpts.glob("checkpoint_*")):
+        time.sleep(0.5)
+    done_at_kill = len(list(ckpts.glob("checkpoint_*")))
+    assert done_at_kill >= 1, "no checkpoint appeared"
+    pids = _worker_pids()
+    assert pids, "no live RayTrainWorker to kill"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    result = box["r"]
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
+    assert len(result["restores"]) == 1
+    assert result["restores"][0] >= done_at_kill  # resumed from the last checkpoint, <= 1 epoch lost
+
+
+def test_train_job_rejects_unknown_config_keys():
+    out = subprocess.run([sys.executable, "jobs/train.py", "--set", "optim.lrr=1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "unknown config key: optim.lrr" in out.stderr and "Traceback" not in out.stderr
