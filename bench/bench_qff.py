@@ -1,0 +1,87 @@
+"""Benchmark: vectorised qFF (rayvid.fusion.qff) against a per-clip Python loop.
+
+The baseline is the shape of the 4th place's inference code: for every clip, loop over its
+face items (as the pickle gives them: [frame, bbox, det, quality, feat]), weight each face
+by q * d * W(q), accumulate, divide. Both run single-threaded in this process on the same
+faces; the ratio is what to read (absolute times on a shared machine are noisy).
+
+    python bench/bench_qff.py [--clips 20000] [--repeats 3]
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # per core
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from rayvid import fusion  # noqa: E402
+
+
+def band(q: float) -> float:
+    return 0.0 if q < 0 else 0.2 if q < 20 else 0.3 if q < 30 else 0.6 if q < 40 else 1.0
+
+
+def per_clip_loop(clips: list) -> np.ndarray:
+    """The per-clip, per-face loop (their inference code's structure)."""
+    out = np.zeros((len(clips), 512), np.float32)
+    for c, faces in enumerate(clips):
+        acc, total = np.zeros(512, np.float32), 0.0
+        for _frame, _bbox, det, q, feat in faces:
+            w = q * det * band(q)
+            acc += w * feat.astype(np.float32)
+            total += w
+        if total > 0:
+            out[c] = acc / total
+        elif faces:
+            out[c] = np.mean([f[4].astype(np.float32) for f in faces], axis=0)
+    return out
+
+
+def make(n_clips: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    counts = np.minimum(rng.lognormal(3.0, 0.8, n_clips).astype(np.int64), 500)
+    offsets = fusion.offsets_from_counts(counts)
+    n = int(offsets[-1])
+    feat = (rng.standard_normal((n, 512)) * 2).astype(np.float16)
+    det = rng.uniform(0.5, 1.0, n).astype(np.float32)
+    quality = rng.gamma(4.0, 10.0, n).astype(np.float32) - 10
+    clips = [[(b"0", [0, 0, 1, 1], float(det[i]), float(quality[i]), feat[i])
+              for i in range(offsets[c], offsets[c + 1])] for c in range(n_clips)]
+    return feat, det, quality, offsets, clips
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clips", type=int, default=20000)
+    p.add_argument("--loop-clips", type=int, default=2000, help="the loop is slow: a subset")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    feat, det, quality, offsets, clips = make(args.clips)
+    n_faces = int(offsets[-1])
+    t_vec, fused = best_of(lambda: fusion.qff(feat, det, quality, offsets), args.repeats)
+    m = args.loop_clips
+    t_loop, looped = best_of(lambda: per_clip_loop(clips[:m]), 1)
+    loop_faces = int(offsets[m])
+    np.testing.assert_allclose(looped, fused[0][:m], rtol=1e-3, atol=1e-3)  # same function
+    vec_rate, loop_rate = n_faces / t_vec, loop_faces / t_loop
+    print(f"qFF vectorised : {n_faces:>10,} faces in {t_vec:7.3f} s = {vec_rate / 1e6:6.2f} M faces/s")
+    print(f"per-clip loop  : {loop_faces:>10,} faces in {t_loop:7.3f} s = {loop_rate / 1e6:6.3f} M faces/s")
+    print(f"speed-up       : {vec_rate / loop_rate:,.0f}x (single thread, same faces, same result)")
+
+
+if __name__ == "__main__":
+    main()
