@@ -1,0 +1,58 @@
+"""Batch prediction: a split of a prepared dataset -> the official submission (`rayvid.predict`).
+
+    python jobs/predict.py --run runs/exp1 --dataset data/iqiyi-ds --split test \
+        --out out/submission.txt [--per-clip out/test_top5.parquet] [--gt val_gt.txt]
+
+Attaches to the Ray cluster of `RAY_ADDRESS` / `ray start` (as under `ray job submit`), else
+starts a local one; run it from the repo root so Ray's workers import the same `rayvid`.
+Prints progress and a summary (clips, clips/s, outputs, mAP when a gt is known); exits 2
+with a one-line error for a missing or malformed input.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from rayvid import predict  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="run folder with ensemble.json")
+    parser.add_argument("--dataset", required=True, help="prepared dataset folder")
+    parser.add_argument("--split", required=True, choices=["val", "test"])
+    parser.add_argument("--out", required=True, help="submission file to write")
+    parser.add_argument("--per-clip", help="Parquet of every clip's top-k classes and scores")
+    parser.add_argument("--top-k-clip", type=int, default=5, help="classes per clip in --per-clip")
+    parser.add_argument("--gt", help="val_gt.txt-format file to score the submission against")
+    parser.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="clips per scoring batch")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # check the inputs before starting or attaching to Ray
+        predict.read_run(args.run)
+        predict.find_gt(predict.check_split(args.dataset, args.split), args.split, args.gt)
+        import ray
+
+        ray.init()
+        summary = predict.predict_split(
+            args.run, args.dataset, args.split, args.out, per_clip_path=args.per_clip,
+            top_k_clip=args.top_k_clip, batch_size=args.batch_size, num_actors=args.num_actors,
+            gt_path=args.gt)
+    except (predict.PredictError, OSError) as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    print(f"predicted {summary['clips']} clips ({summary['not_ok']} without a usable face) at "
+          f"{summary['clips_per_s']:.0f} clips/s -> {summary['submission']}"
+          + (f", {summary['per_clip']}" if summary["per_clip"] else "")
+          + (f"; mAP {summary['map']:.4f}" if "map" in summary else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
