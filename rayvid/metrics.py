@@ -308,7 +308,7 @@ def map_from_scores(
     return score_arrays(scores, labels, top_k, chunk_size=chunk_size).map
 
 
-def map_from_topk(topk: "TopKPerIdentity", label_of: np.ndarray) -> float:
+def map_from_topk(topk, label_of: np.ndarray) -> float:
     """Fold mAP from a running top-k (rayvid.submission.TopKPerIdentity) without a score
     matrix: label_of[clip_index] is every fed clip's label (0 = noise), which also gives
     |G| per identity (all clips fed, not only the kept ones). Mean over identities present.

@@ -99,33 +99,6 @@ def batch_candidates(scores: np.ndarray, k: int = MAX_RANK
     return rows[order], ids[order], vals[order]
 
 
-def update_sparse(acc: TopKPerIdentity, clip_index: np.ndarray, class_ids: np.ndarray,
-                  scores: np.ndarray) -> None:
-    """Fold flat (clip, identity, score) triples into `acc`, as `acc.update` would fold
-    the dense matrix they come from when absent pairs cannot reach the top-k.
-
-    clip_index: (m,) int64 global clip numbers; class_ids: (m,) int in 1..C-1; scores:
-    (m,) float32. Each (clip, identity) pair at most once over the whole stream.
-    """
-    # Belongs in rayvid.submission as TopKPerIdentity.update_sparse; kept here (and on
-    # `acc._keys`, the state `merge` also rebuilds) until that module's owner moves it.
-    class_ids = np.asarray(class_ids, np.int64)
-    if not class_ids.size:
-        return
-    if class_ids.min() < 1 or class_ids.max() >= acc.num_classes:
-        raise ValueError(f"class ids must lie in 1..{acc.num_classes - 1}")
-    keys = rank_keys(scores, clip_index)
-    order = np.argsort(class_ids, kind="stable")
-    class_ids, keys = class_ids[order], keys[order]
-    counts = np.bincount(class_ids, minlength=acc.num_classes)
-    starts = schema.offsets_from_counts(counts)
-    slot = np.arange(class_ids.size) - starts[class_ids]
-    dense = np.zeros((acc.num_classes, int(counts.max())), np.uint64)  # 0 = empty slot
-    dense[class_ids, slot] = keys
-    both = np.concatenate([acc._keys, dense], axis=1)
-    acc._keys = np.ascontiguousarray(top_keys(both, acc.k, sort=False))
-
-
 def _list_column(values: np.ndarray, counts: np.ndarray, type_: pa.DataType) -> pa.ListArray:
     offsets = schema.offsets_from_counts(counts).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.ravel()), type=type_)
@@ -301,7 +274,7 @@ def fold_stream(batches: Iterable[pa.Table], acc: TopKPerIdentity,
         not_ok += n - int(pc.sum(table.column("ok")).as_py() or 0)
         counts = pc.list_value_length(table.column("cand_ids")).to_numpy(zero_copy_only=False)
         rows = np.repeat(np.arange(base, base + n, dtype=np.int64), counts)
-        update_sparse(acc, rows, schema.list_values(table, "cand_ids"),
+        acc.update_sparse(rows, schema.list_values(table, "cand_ids"),
                       schema.list_values(table, "cand_scores"))
         if writer is not None:
             writer.write_table(table.select(PER_CLIP_SCHEMA.names))

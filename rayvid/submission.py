@@ -96,6 +96,31 @@ class TopKPerIdentity:
             both = np.concatenate([self._keys[lo:hi], batch], axis=1)
             self._keys[lo:hi] = top_keys(both, self.k, sort=False)
 
+    def update_sparse(self, clip_index: np.ndarray, class_ids: np.ndarray,
+                      scores: np.ndarray) -> None:
+        """Fold flat (clip, identity, score) triples in, as `update` would fold the dense
+        matrix they come from when the absent pairs cannot reach the top-k (batch
+        inference sends only each batch's per-identity candidates).
+
+        clip_index: (m,) int64 global clip numbers; class_ids: (m,) int in 1..C-1; scores:
+        (m,) float32. Each (clip, identity) pair at most once over the whole stream.
+        """
+        class_ids = np.asarray(class_ids, np.int64)
+        if not class_ids.size:
+            return
+        if class_ids.min() < 1 or class_ids.max() >= self.num_classes:
+            raise ValueError(f"class ids must lie in 1..{self.num_classes - 1}")
+        keys = rank_keys(scores, clip_index)
+        order = np.argsort(class_ids, kind="stable")
+        class_ids, keys = class_ids[order], keys[order]
+        counts = np.bincount(class_ids, minlength=self.num_classes)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(class_ids.size) - starts[class_ids]
+        dense = np.zeros((self.num_classes, int(counts.max())), np.uint64)  # 0 = empty slot
+        dense[class_ids, slot] = keys
+        both = np.concatenate([self._keys, dense], axis=1)
+        self._keys = np.ascontiguousarray(top_keys(both, self.k, sort=False))
+
     @property
     def keys(self) -> np.ndarray:
         """(num_classes, k) uint64 rank keys in partition order (0 = empty slot)."""

@@ -13,7 +13,6 @@ merged across ranks), a checkpoint every epoch and the best one copied to
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import tempfile
@@ -25,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayvid import data as rdata
 from rayvid.checkpoints import save_checkpoint, unwrap_model
 from rayvid.config import from_dict, to_dict
 from rayvid.losses import LossSchedule, MixedLoss

@@ -24,7 +24,7 @@ from rayvid.config import from_dict
 from rayvid.ensemble import Ensemble
 from rayvid.models import build_model
 from rayvid.predict import (PredictError, batch_candidates, find_gt, predict_split, read_run,
-                            top_classes, update_sparse)
+                            top_classes)
 from rayvid.submission import TopKPerIdentity
 from rayvid.train_config import FusionSection
 
@@ -62,7 +62,7 @@ def test_candidates_then_sparse_update_equal_dense_update(n, k):
         rows, ids, vals = batch_candidates(s, k)
         assert len(rows) == 8 * min(k, n) and (np.diff(rows) >= 0).all()
         np.testing.assert_array_equal(vals, s[rows, ids])
-        update_sparse(sparse, base + rows, ids, vals)
+        sparse.update_sparse(base + rows, ids, vals)
         dense.update(np.arange(base, base + n), s)
         base += n
     assert sparse.ranked() == dense.ranked()
@@ -70,7 +70,7 @@ def test_candidates_then_sparse_update_equal_dense_update(n, k):
 
 def test_update_sparse_rejects_class_zero():
     with pytest.raises(ValueError, match="class ids"):
-        update_sparse(TopKPerIdentity(4, 3), np.array([0]), np.array([0]), np.array([1.0]))
+        TopKPerIdentity(4, 3).update_sparse(np.array([0]), np.array([0]), np.array([1.0]))
 
 
 # ------------------------------------------------------------------ fixtures

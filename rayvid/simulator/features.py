@@ -175,7 +175,6 @@ def audio_value(world: World, m: Modality, lat: ClipLatent, split: str, index: i
         return None
     p = world.params
     rng = _rng(world, split, index, m.name)
-    d = m.centres.shape[1]
     r = m.identity.shape[1]
     g = rng.standard_normal((1, r), dtype=np.float32) * np.float32(p.audio_clip_std / np.sqrt(r))
     offset = g @ m.identity.T
