@@ -120,7 +120,7 @@ class OptimSection:
     min_lr: float = 1e-6
     weight_decay: float = 0.0
     passes: float = 150.0  # their epochs: full passes over a fold's training clips
-    min_steps: int = 1500  # small releases get at least this many steps
+    min_steps: int = 300  # small releases get at least this many steps
     max_steps: int = 0  # 0: no cap
 
     def __post_init__(self) -> None:
@@ -143,7 +143,7 @@ class TrainSection:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     bf16: bool = True  # autocast on GPU only
-    epochs: int = 10  # validation + checkpoint rounds over the run
+    epochs: int = 5  # validation + checkpoint rounds over the run
     max_failures: int = 2
     log_every_s: float = 15.0
     shuffle_buffer: int = 4096
