@@ -7,7 +7,6 @@ real local Ray against a brute-force in-memory computation (all scores, full sor
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,20 +136,7 @@ def _write_run(root: Path) -> Path:
     return run
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    old = dict(os.environ)
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1",
-                      RAY_DATA_LOG_LEVEL="WARNING",
-                      PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(old)
+# Ray: the session-wide `ray_local` fixture from conftest.py (one ray.init per session).
 
 
 @pytest.fixture(scope="module")
