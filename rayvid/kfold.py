@@ -72,7 +72,9 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "plan": dataclasses.asdict(plan)},
         scaling_config=_scaling(cfg),
-        datasets={"train": rdata.clip_dataset(dataset, cfg.folds.splits, train_tf, shuffle=True),
+        # x, y only: qFF mode (qfda.enabled=false) also emits `ok`, which the loop never uses
+        datasets={"train": rdata.clip_dataset(dataset, cfg.folds.splits, train_tf,
+                                              shuffle=True).select_columns(["x", "y"]),
                   # deterministic (qFF): computed once, not re-executed every epoch
                   "val": rdata.clip_dataset(dataset, cfg.folds.splits, heldout_tf).materialize()},
         dataset_config=DataConfig(datasets_to_split="all"),

@@ -107,51 +107,73 @@ def _mlp_trunk(in_dim: int, spec: Sequence[tuple[int, str, bool, float]]) -> tup
     return nn.Sequential(*layers), in_dim
 
 
+HEAD_BIASES = ("zero", "prior")
+MLP_ARCHS = tuple(_MLP_SPECS)  # the architectures that take `dropout` and `head_bias`
+
+
 class MLP(RayvidModel):
-    """One of the 4th-place MLPs: `(B, in_dim) float32` fused clip feature -> logits `(B, C)`."""
+    """One of the 4th-place MLPs: `(B, in_dim) float32` fused clip feature -> logits `(B, C)`.
+
+    head_bias: "zero" is the 4th-place init (every bias 0, so every class starts at
+    sigmoid 0.5); "prior" starts the output layer's bias at `-log(C - 1)`, i.e. every class
+    at probability 1/C, the focal-loss paper's prior init. With a per-class sigmoid focal
+    loss summed over C classes, a zero start spends the first few hundred steps pushing
+    C - 1 negatives down before any positive is learned: harmless over the 4th place's
+    ~27,000 steps, fatal for a small release's few hundred (docs/benchmarks.md, ablation).
+    """
 
     def __init__(self, arch: str, in_dim: int, num_classes: int,
-                 dropout: float | None = None) -> None:
-        super().__init__(arch, in_dim=in_dim, num_classes=num_classes, dropout=dropout)
+                 dropout: float | None = None, head_bias: str = "zero") -> None:
+        if head_bias not in HEAD_BIASES:
+            raise ValueError(f"head_bias must be one of {HEAD_BIASES}, got {head_bias!r}")
+        super().__init__(arch, in_dim=in_dim, num_classes=num_classes, dropout=dropout,
+                         head_bias=head_bias)
         spec = _MLP_SPECS[arch]
         if dropout is not None:  # one rate for every layer (a Tune search dimension)
             spec = [(w, act, bn, dropout) for w, act, bn, _ in spec]
         self.trunk, width = _mlp_trunk(in_dim, spec)
         self.head = nn.Linear(width, num_classes)
         _init_linear(self)
+        if head_bias == "prior" and num_classes > 1:
+            nn.init.constant_(self.head.bias, -math.log(num_classes - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x))
 
 
 @register_model("M1")
-def m1(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
+def m1(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
+       head_bias: str = "zero") -> MLP:
     """2-layer-sigmoid."""
-    return MLP("M1", in_dim, num_classes, dropout)
+    return MLP("M1", in_dim, num_classes, dropout, head_bias)
 
 
 @register_model("M2")
-def m2(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
+def m2(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
+       head_bias: str = "zero") -> MLP:
     """3-layer-sigmoid."""
-    return MLP("M2", in_dim, num_classes, dropout)
+    return MLP("M2", in_dim, num_classes, dropout, head_bias)
 
 
 @register_model("M3")
-def m3(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
+def m3(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
+       head_bias: str = "zero") -> MLP:
     """2-layer-swish."""
-    return MLP("M3", in_dim, num_classes, dropout)
+    return MLP("M3", in_dim, num_classes, dropout, head_bias)
 
 
 @register_model("M4")
-def m4(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
+def m4(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
+       head_bias: str = "zero") -> MLP:
     """3-layer-swish."""
-    return MLP("M4", in_dim, num_classes, dropout)
+    return MLP("M4", in_dim, num_classes, dropout, head_bias)
 
 
 @register_model("M5")
-def m5(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None) -> MLP:
+def m5(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
+       head_bias: str = "zero") -> MLP:
     """3-layer-swish-new, the 4th place's main model."""
-    return MLP("M5", in_dim, num_classes, dropout)
+    return MLP("M5", in_dim, num_classes, dropout, head_bias)
 
 
 class CosineClassifier(nn.Module):

@@ -285,7 +285,10 @@ def fold_stream(batches: Iterable[pa.Table], acc: TopKPerIdentity,
     return names, not_ok
 
 
-def _resources(use_gpu: bool | None, num_actors: int | None) -> tuple[bool, int]:
+def resources(use_gpu: bool | None, num_actors: int | None) -> tuple[bool, int]:
+    """(use_gpu, scoring actors) for batch inference on the current Ray cluster: GPU when
+    it has one (unless use_gpu says otherwise), one actor per GPU, else half the CPUs
+    (at most 4). Raises PredictError when use_gpu is asked for and there is no GPU."""
     import ray
 
     cluster = ray.cluster_resources()
@@ -316,7 +319,7 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
     spec = read_run(run_dir)
     meta = check_split(dataset_dir, split)
     gt = find_gt(meta, split, gt_path)
-    use_gpu, num_actors = _resources(use_gpu, num_actors)
+    use_gpu, num_actors = resources(use_gpu, num_actors)
     log.info("predict %s/%s with %d members (C=%d) on %d %s actor(s), weighting %s", dataset_dir,
              split, spec.members, spec.num_classes, num_actors, "GPU" if use_gpu else "CPU",
              spec.weighting)

@@ -73,9 +73,16 @@ class QFDASection:
 class ModelSection:
     archs: tuple[str, ...] = ("M5",)
     dropout: float | None = None  # None: each architecture's own dropouts (method.md)
+    # Output-layer bias init of the MLPs: "prior" (every class starts at 1/C) or "zero"
+    # (the 4th place's code). See rayvid.models.MLP and the ablation in docs/benchmarks.md.
+    head_bias: str = "prior"
     # Weight of the prototype (class-mean) head in the ensemble, relative to the MLPs'
     # total: 0 = the 4th place's pure MLP blend (see rayvid.prototype).
     prototype_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.head_bias not in ("zero", "prior"):
+            raise ValueError(f"model.head_bias must be zero or prior, got {self.head_bias!r}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ class OptimSection:
     """Adam with warm-up then step decay (their code) or cosine (their poster)."""
 
     batch_size: int = 512
-    lr: float = 1.5e-4
+    lr: float = 1e-3  # their code: 1.5e-4 over ~27,000 steps; see docs/benchmarks.md
     warmup_lr: float = 2e-5
     warmup_fraction: float = 9 / 150
     warmup: str = "linear"  # their code: "constant" 2e-5, then a jump to lr

@@ -28,7 +28,7 @@ from rayvid.checkpoints import save_checkpoint, unwrap_model
 from rayvid.config import from_dict, to_dict
 from rayvid.losses import LossSchedule, MixedLoss
 from rayvid.metrics import map_from_topk
-from rayvid.models import build_model
+from rayvid.models import MLP_ARCHS, build_model
 from rayvid.schedules import LRSchedule, apply
 from rayvid.submission import TopKPerIdentity
 from rayvid.train_config import TrainJobConfig
@@ -69,6 +69,16 @@ def plan_fold(cfg: TrainJobConfig, n_train: int, num_classes: int, fold: int, ar
     repeats = max(1, round(want_per_epoch * cfg.optim.batch_size * world / n_train))
     per_epoch = math.ceil(n_train * repeats / (cfg.optim.batch_size * world))
     return FoldPlan(fold, arch, num_classes, n_train, repeats, epochs, per_epoch, str(out_dir))
+
+
+def model_kwargs(cfg: TrainJobConfig, arch: str) -> dict[str, Any]:
+    """The `model` section's constructor options that `arch` takes (the MLPs take both)."""
+    if arch not in MLP_ARCHS:
+        return {}
+    kwargs: dict[str, Any] = {"head_bias": cfg.model.head_bias}
+    if cfg.model.dropout is not None:
+        kwargs["dropout"] = cfg.model.dropout
+    return kwargs
 
 
 def lr_schedule(cfg: TrainJobConfig) -> LRSchedule:
@@ -169,9 +179,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg.train.seed * 1000 + plan.fold)
-    kwargs = {"dropout": cfg.model.dropout} if cfg.model.dropout is not None else {}
     model = ray.train.torch.prepare_model(
-        build_model(plan.arch, in_dim=512, num_classes=plan.num_classes, **kwargs))
+        build_model(plan.arch, in_dim=512, num_classes=plan.num_classes,
+                    **model_kwargs(cfg, plan.arch)))
     device = ray.train.torch.get_device()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state = _restore(model, opt)

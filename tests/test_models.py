@@ -57,6 +57,17 @@ def test_mlp_init_xavier_and_zero_bias(arch: str) -> None:
             assert torch.count_nonzero(m.bias) == 0
 
 
+@pytest.mark.parametrize("arch", ["M1", "M5"])
+def test_prior_head_bias_starts_every_class_at_one_over_c(arch: str) -> None:
+    model = build_model(arch, num_classes=C, head_bias="prior")
+    hidden = [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+    assert all(torch.count_nonzero(m.bias) == 0 for m in hidden)  # only the output layer moves
+    assert torch.allclose(torch.sigmoid(model.head.bias), torch.full((C,), 1.0 / C), rtol=1e-3)
+    assert build_from_config(model.model_config()).model_config()["head_bias"] == "prior"
+    with pytest.raises(ValueError, match="head_bias"):
+        build_model(arch, num_classes=C, head_bias="random")
+
+
 def _kinds(model: nn.Module) -> list[str]:
     names = {nn.Linear: "linear", nn.Sigmoid: "sigmoid", nn.SiLU: "swish", nn.BatchNorm1d: "bn", nn.Dropout: "drop"}
     return [names[type(m)] for m in model.modules() if type(m) in names]

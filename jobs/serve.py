@@ -1,0 +1,136 @@
+"""Serve a run folder over HTTP on 127.0.0.1 until interrupted (`rayvid.serving`).
+
+    python jobs/serve.py                                   # runs/rayvid (jobs/train.py's default)
+    python jobs/serve.py --run runs/exp1 --index index/ --port 8000
+    python jobs/serve.py --run runs/rayvid-smoke --smoke-test   # serve, ask once, stop
+
+Deploys configs/serve.yaml (or --config) with the run, index and port set, as
+`serve deploy` does, and writes the resolved config to RUN/serve_config.yaml: edit its
+`user_config` (threshold, weights, top_k) and `serve deploy` it to reconfigure the
+running replicas without a restart. Before serving, calibrates the unknown threshold
+into RUN/serving.json when the run has none and its dataset has a val split with noise
+clips. Starts a local Ray of --num-cpus logical CPUs (or attaches to RAY_ADDRESS),
+prints the URL and a curl example, blocks until Ctrl-C / SIGTERM, then shuts Serve
+down. Exits 2 with a one-line error for a bad run, index or config.
+"""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout
+
+from rayvid import index, predict  # noqa: E402
+
+
+def example_clip(run: Path) -> dict:
+    """An /identify body: the first clip of the run's dataset (val, else test) whose faces
+    qFF can use, preferring a labelled known identity (the official fields only)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from rayvid import fusion, schema
+
+    weighting = predict.read_run(run).weighting
+    for split in ("val", "test"):
+        for part in sorted((run / "dataset" / split).glob("*.parquet")):
+            table = pq.read_table(part)
+            table = table.filter(table["n_faces"].to_numpy() > 0)
+            feat, det, quality, offsets = schema.face_arrays(table)
+            _, ok = fusion.qff(feat, det, quality, offsets, weighting)
+            known = ok & (table["label"].to_numpy(zero_copy_only=False) > 0
+                          if "label" in table.column_names else ok)
+            for i in np.flatnonzero(known if known.any() else ok)[:1]:
+                a, b = offsets[i], offsets[i + 1]
+                return {"clip": table["clip"][int(i)].as_py(), "faces": [
+                    {"det_score": float(d), "quality_score": float(q),
+                     "feature": f.astype(float).tolist()}
+                    for f, d, q in zip(feat[a:b], det[a:b], quality[a:b])]}
+    return {"faces": [{"det_score": 0.99, "quality_score": 45.2, "feature": [0.01] * 512}]}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` under a temp name beside `path`, then rename (readers never see half)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default="runs/rayvid", help="run folder of jobs/train.py")
+    p.add_argument("--index", help="person-search index of jobs/index.py (for /search)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
+    p.add_argument("--config", default=str(REPO / "configs" / "serve.yaml"), help="Serve config")
+    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a local Ray")
+    p.add_argument("--smoke-test", action="store_true", help="serve, send one clip, stop")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import yaml
+
+    run = Path(args.run).resolve()
+    try:
+        predict.read_run(run)
+        if args.index:
+            index.read_manifest(args.index)
+        base = yaml.safe_load(Path(args.config).read_text())
+    except (predict.PredictError, index.SearchIndexError, OSError, yaml.YAMLError) as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 2
+    import ray
+    from ray import serve
+
+    from rayvid.serving import deploy_config, serve_config
+
+    # Serve's replicas and its app builder import rayvid from this checkout too.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    address = os.environ.get("RAY_ADDRESS") or None  # else a fresh local Ray
+    ctx = ray.init(address=address or "local", num_cpus=None if address else args.num_cpus,
+                   logging_level="WARNING")
+    if index.read_serving(run) is None and (run / "dataset" / "val").is_dir():
+        cal = index.calibrate(run)
+        print(f"calibrated: {json.dumps(cal)}" if cal else "not calibrated: default threshold")
+    config = serve_config(base, run, args.index, port=args.port)
+    resolved = run / "serve_config.yaml"
+    write_atomic(resolved, yaml.safe_dump(config, sort_keys=False))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops Serve cleanly too
+    try:
+        deploy_config(config, ctx.dashboard_url)
+        url = f"http://127.0.0.1:{config['http_options']['port']}"
+        # The serve CLI needs this to send the cluster's token (Ray 2.60 token auth).
+        auth = "" if os.environ.get("RAY_AUTH_MODE") == "disabled" else "RAY_AUTH_MODE=token "
+        body = run / "example_clip.json"
+        write_atomic(body, json.dumps(example_clip(run)))
+        print(f"serving {run} at {url}  (API docs: {url}/docs)\n"
+              f"  curl -s -X POST {url}/identify -H 'content-type: application/json' -d @{body}\n"
+              f"  curl -s '{url}/search?id=1&k=10'\n"
+              f"change user_config in {resolved}, then: {auth}"
+              f"serve deploy {resolved} -a http://{ctx.dashboard_url}", flush=True)
+        if args.smoke_test:
+            import httpx
+
+            answer = httpx.post(f"{url}/identify", content=body.read_bytes(),
+                                headers={"content-type": "application/json"}, timeout=60)
+            print(f"POST /identify -> {answer.status_code} {answer.text}")
+            return 0 if answer.status_code == 200 else 1
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+    except RuntimeError as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Tests of the Serve application over real HTTP on 127.0.0.1 (rayvid.serving).
+
+One app per module on the session's local Ray: a run folder of two random M5 members, a
+search index built with `rayvid.index.build_index` on the simulated dataset's test split.
+Answers are checked against the same clips scored in-process (qFF + `Ensemble.scores`);
+every bad input must get a 4xx with a message and leave the replicas alive.
+
+    pytest tests/test_serving.py          # ~1-2 minutes, most of it replica start-up
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from rayvid import fusion, schema
+from rayvid.checkpoints import save_checkpoint
+from rayvid.data import read_meta
+from rayvid.ensemble import Ensemble
+from rayvid.models import build_model
+from rayvid.serving_api import MAX_BODY_BYTES, MAX_CLIPS_PER_BATCH, MAX_FACES_PER_CLIP
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = (1.0, 0.5)
+THRESHOLD = 0.3
+
+
+def _make_run(root: Path, num_classes: int) -> Path:
+    """A run folder as jobs/train.py leaves it: random M5 members + ensemble.json."""
+    run = root / "run"
+    members = []
+    for i, w in enumerate(WEIGHTS):
+        import torch
+
+        torch.manual_seed(i)
+        path = f"folds/{i}/M5/best"
+        save_checkpoint(run / path, build_model("M5", in_dim=512, num_classes=num_classes))
+        members.append({"path": path, "weight": w})
+    (run / "ensemble.json").write_text(json.dumps(
+        {"members": members, "weighting": {"kind": "bands"}, "num_classes": num_classes}))
+    (run / "serving.json").write_text(json.dumps({"unknown_threshold": THRESHOLD}))
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, sim_dataset, tmp_path_factory):
+    """configs/serve.yaml deployed as `serve deploy` does, with a test run, index and port."""
+    import httpx
+    import yaml
+    from ray import serve
+
+    from rayvid.index import build_index
+    from rayvid.serving import deploy_config, serve_config
+
+    root = tmp_path_factory.mktemp("serving")
+    run = _make_run(root, read_meta(sim_dataset)["num_classes"])
+    index_dir = root / "index"
+    build_index(run, sim_dataset, "test", index_dir, k=10, batch_size=128, num_actors=1)
+    port, base = _free_port(), yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    dashboard = ray_local.init(ignore_reinit_error=True).dashboard_url
+
+    def deploy(user_config: dict | None = None) -> None:
+        deploy_config(serve_config(base, run, index_dir, port=port, user_config=user_config),
+                      dashboard)
+
+    deploy()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        yield {"client": client, "run": run, "index": index_dir, "deploy": deploy}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clips(sim_dataset, served):
+    """10 test clips with faces: request bodies and in-process (C,) scores."""
+    table = pq.read_table(sorted((sim_dataset / "test").glob("*.parquet")))
+    table = table.filter(table["n_faces"].to_numpy() > 0).slice(0, 10)
+    feat, det, quality, offsets = schema.face_arrays(table)
+    x, ok = fusion.qff(feat, det, quality, offsets, fusion.Weighting())
+    assert ok.all()
+    ens = Ensemble.from_run(served["run"])
+    scores = ens.scores(x) / np.float32(sum(WEIGHTS))
+    bodies = [{"clip": table["clip"][i].as_py(), "faces": [
+        {"det_score": float(det[f]), "quality_score": float(quality[f]),
+         "feature": feat[f].astype(float).tolist(), "frame": 3, "bbox": [1, 2, 30, 40]}
+        for f in range(offsets[i], offsets[i + 1])]} for i in range(len(table))]
+    return bodies, scores
+
+
+def _expected(scores: np.ndarray, k: int) -> list[int]:
+    return (np.lexsort((np.arange(1, len(scores)), -scores[1:]))[:k] + 1).tolist()
+
+
+def _check(answer: dict, scores: np.ndarray, k: int = 5, threshold: float = THRESHOLD) -> None:
+    ids = [i["id"] for i in answer["identities"]]
+    assert ids == _expected(scores, k)
+    np.testing.assert_allclose([i["score"] for i in answer["identities"]], scores[ids], rtol=1e-5)
+    best = scores[1:].max()
+    assert answer["unknown"] == (best < threshold) and answer["usable"]
+    assert answer["identity"] == (None if answer["unknown"] else ids[0])
+
+
+def test_identify_matches_in_process_scoring(served, clips):
+    bodies, scores = clips
+    for body, s in zip(bodies[:4], scores):
+        r = served["client"].post("/identify", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["clip"] == body["clip"] and r.json()["faces"] == len(body["faces"])
+        _check(r.json(), s)
+
+
+def test_batch_b64_and_concurrent_requests_agree(served, clips):
+    bodies, scores = clips
+    client = served["client"]
+    r = client.post("/identify/batch", json={"clips": bodies, "top_k": 3})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [a["clip"] for a in results] == [b["clip"] for b in bodies]
+    for a, s in zip(results, scores):
+        _check(a, s, k=3)
+    b64 = [{"faces": [{"det_score": f["det_score"], "quality_score": f["quality_score"],
+                       "feature_b64": base64.b64encode(np.asarray(f["feature"], "<f2").tobytes()).decode()}
+                      for f in b["faces"]]} for b in bodies]
+    r = client.post("/identify/batch", json={"clips": b64, "top_k": 3})
+    assert [a["identities"] for a in r.json()["results"]] == [a["identities"] for a in results]
+    with ThreadPoolExecutor(16) as pool:  # concurrent requests are batched together
+        answers = list(pool.map(lambda b: client.post("/identify", json=b), bodies * 3))
+    assert all(a.status_code == 200 for a in answers)
+    for a, s in zip(answers, list(scores) * 3):
+        _check(a.json(), s)
+
+
+def test_clip_without_usable_face_is_unknown(served, clips):
+    face = dict(clips[0][0]["faces"][0], quality_score=-5.0)  # W(q) = 0: qFF ok False
+    r = served["client"].post("/identify", json={"faces": [face, face]})
+    assert r.status_code == 200, r.text
+    assert r.json()["unknown"] and not r.json()["usable"] and r.json()["identity"] is None
+
+
+def test_search_health_and_docs(served, sim_dataset):
+    client = served["client"]
+    r = client.get("/search", params={"id": 3, "k": 4})
+    assert r.status_code == 200, r.text
+    table = pq.read_table(served["index"]).to_pylist()
+    want = [row for row in table if row["identity"] == 3][:4]
+    assert [h["clip"] for h in r.json()["hits"]] == [w["clip"] for w in want]
+    assert [(h["frame_min"], h["frame_max"]) for h in r.json()["hits"]] == [
+        (w["frame_min"], w["frame_max"]) for w in want]
+    assert r.json()["index_version"] == 1
+    health = client.get("/healthz").json()
+    assert (health["status"], health["members"], health["weights"]) == ("ok", 2, list(WEIGHTS))
+    assert (health["unknown_threshold"], health["threshold_source"]) == (THRESHOLD, "serving.json")
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/identify", "/identify/batch", "/search", "/healthz"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def _face(**kw) -> dict:
+    return {"det_score": 0.99, "quality_score": 45.2, "feature": [0.5] * 512, **kw}
+
+
+B64_NAN = base64.b64encode(np.full(512, np.nan, "<f4").tobytes()).decode()
+B64_ZERO = base64.b64encode(np.zeros(512, "<f2").tobytes()).decode()
+BAD = {  # name: (method, path, json body | raw bytes, status, message fragment)
+    "short feature": ("post", "/identify", {"faces": [_face(feature=[0.1] * 511)]}, 422, "at least 512"),
+    "long feature": ("post", "/identify", {"faces": [_face(feature=[0.1] * 513)]}, 422, "at most 512"),
+    "NaN": ("post", "/identify", b'{"faces": [{"det_score": 0.9, "quality_score": 40, "feature": [NaN'
+            + b", 0" * 511 + b"]}]}", 422, "finite"),
+    "Infinity": ("post", "/identify", b'{"faces": [{"det_score": Infinity, "quality_score": 40, '
+                 b'"feature": [' + b"0, " * 511 + b"0]}]}", 422, "finite"),
+    "beyond float16": ("post", "/identify", {"faces": [_face(feature=[1e5] * 512)]}, 422, "65504"),
+    "string feature": ("post", "/identify", {"faces": [_face(feature=["a"] * 512)]}, 422, "number"),
+    "empty faces": ("post", "/identify", {"faces": []}, 422, "at least 1"),
+    "too many faces": ("post", "/identify", {"faces": [_face(feature=[0] * 512)] * (MAX_FACES_PER_CLIP + 1)},
+                       422, f"at most {MAX_FACES_PER_CLIP}"),
+    "too many clips": ("post", "/identify/batch", {"clips": [{"faces": [_face()]}] * (MAX_CLIPS_PER_BATCH + 1)},
+                       422, f"at most {MAX_CLIPS_PER_BATCH}"),
+    "too many faces in all": ("post", "/identify/batch",
+                              {"clips": [{"faces": [_face(feature=[0] * 512)] * 1000}] * 9}, 422, "limit is 8192"),
+    "empty batch": ("post", "/identify/batch", {"clips": []}, 422, "at least 1"),
+    "missing det_score": ("post", "/identify", {"faces": [{"quality_score": 1, "feature": [0] * 512}]},
+                          422, "Field required"),
+    "unknown field": ("post", "/identify", {"faces": [_face(quality=3)]}, 422, "Extra inputs"),
+    "two features": ("post", "/identify", {"faces": [_face(feature_b64=B64_ZERO)]}, 422, "exactly one"),
+    "no feature": ("post", "/identify", {"faces": [{"det_score": 1, "quality_score": 1}]}, 422, "exactly one"),
+    "bad base64": ("post", "/identify", {"faces": [{"det_score": 1, "quality_score": 1, "feature_b64": "@@"}]},
+                   422, "base64"),
+    "short base64": ("post", "/identify", {"faces": [{"det_score": 1, "quality_score": 1, "feature_b64": "AAAA"}]},
+                     422, "bytes"),
+    "NaN base64": ("post", "/identify", {"faces": [{"det_score": 1, "quality_score": 1, "feature_b64": B64_NAN}]},
+                   422, "NaN"),
+    "top_k 0": ("post", "/identify", {"faces": [_face()], "top_k": 0}, 422, "greater than or equal to 1"),
+    "malformed JSON": ("post", "/identify", b'{"faces": [', 422, "Invalid JSON"),
+    "JSON list": ("post", "/identify", [1, 2], 422, "should be an object"),
+    "not JSON": ("post", "/identify/batch", b"hello", 422, "Invalid JSON"),
+    "empty body": ("post", "/identify", b"", 422, "Invalid JSON"),
+    "body too large": ("post", "/identify/batch", b" " * (MAX_BODY_BYTES + 1), 413, "Too Large"),
+    "unknown identity": ("get", "/search?id=99999", None, 404, "unknown identity 99999"),
+    "identity 0 (other)": ("get", "/search?id=0", None, 404, "unknown identity 0"),
+    "id not a number": ("get", "/search?id=abc", None, 422, "valid integer"),
+    "missing id": ("get", "/search", None, 422, "Field required"),
+    "k too large": ("get", "/search?id=1&k=5000", None, 422, "less than or equal to 1000"),
+    "wrong method": ("get", "/identify", None, 405, "Method Not Allowed"),
+}
+
+
+def test_bad_inputs_get_4xx_with_a_message_and_replicas_survive(served):
+    client = served["client"]
+    replica = client.get("/healthz").json()["replica"]
+    failures = []
+    for name, (method, path, body, status, fragment) in BAD.items():
+        if isinstance(body, bytes):
+            r = client.request(method, path, content=body, headers={"content-type": "application/json"})
+        else:
+            r = client.request(method, path, json=body)
+        detail = json.dumps(r.json()) if r.headers.get("content-type") == "application/json" else r.text
+        if r.status_code != status or fragment not in detail:
+            failures.append(f"{name}: {r.status_code} {detail[:300]}")
+    assert not failures, "\n".join(failures)
+    assert client.get("/healthz").json()["replica"] == replica  # same replica: nothing crashed
+    assert client.post("/identify", json={"faces": [_face()]}).status_code == 200
+
+
+def test_user_config_changes_threshold_weights_top_k_without_redeploy(served, clips):
+    client, (bodies, scores) = served["client"], clips
+    replica = client.get("/healthz").json()["replica"]
+    served["deploy"]({"unknown_threshold": 1.0, "weights": [0.0, 2.0], "top_k": 2})
+    health = client.get("/healthz").json()
+    assert health["replica"] == replica  # reconfigured in place, not replaced
+    assert (health["unknown_threshold"], health["weights"], health["top_k"]) == (1.0, [0.0, 2.0], 2)
+    only_second = Ensemble.from_dirs([served["run"] / "folds/1/M5/best"])
+    answer = client.post("/identify", json=bodies[0]).json()
+    body = bodies[0]
+    feat = np.array([f["feature"] for f in body["faces"]], np.float16)
+    det = np.array([f["det_score"] for f in body["faces"]], np.float32)
+    quality = np.array([f["quality_score"] for f in body["faces"]], np.float32)
+    x, _ = fusion.qff(feat, det, quality, np.array([0, len(feat)]), fusion.Weighting())
+    _check(answer, only_second.scores(x)[0], k=2, threshold=1.0)
+    assert answer["unknown"] and answer["identity"] is None
+    served["deploy"]({"top_k": 5})
+    health = client.get("/healthz").json()
+    assert (health["unknown_threshold"], health["top_k"]) == (THRESHOLD, 5)
+    _check(client.post("/identify", json=bodies[0]).json(), scores[0])
+
+
+def test_search_reloads_an_updated_index(served):
+    manifest_path = served["index"] / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    tmp = manifest_path.with_name(".m.tmp")
+    tmp.write_text(json.dumps({**manifest, "version": 2}))
+    os.replace(tmp, manifest_path)  # as update_index's folder swap: a new manifest
+    r = served["client"].get("/search", params={"id": 1, "k": 1})
+    assert r.status_code == 200 and r.json()["index_version"] == 2
+
+
+def test_cli_bad_run_exits_2_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--run", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"serve: error: run {tmp_path} has no ensemble.json (is training finished?)"]
