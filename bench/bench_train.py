@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench_pipeline import dataset_dir  # noqa: E402  (simulate + prepare when no --dataset)
 from rayvid.config import load_config  # noqa: E402
 from rayvid.models import build_model  # noqa: E402
 from rayvid.train_config import TrainJobConfig  # noqa: E402
@@ -63,18 +64,6 @@ def ceiling(cfg: TrainJobConfig, num_classes: int, steps: int, device: str) -> f
     if device == "cuda":
         torch.cuda.synchronize()
     return steps * b / (time.perf_counter() - t0)
-
-
-def dataset_dir(args) -> str:
-    if args.dataset:
-        return args.dataset
-    from rayvid.prepare import prepare_release
-    from rayvid.simulate import simulate_release
-
-    tmp = Path(tempfile.mkdtemp(prefix="rayvid-bench-"))
-    simulate_release(tmp / "release", args.ids, seed=0)
-    prepare_release(tmp / "release", tmp / "dataset")
-    return str(tmp / "dataset")
 
 
 def main() -> int:
