@@ -134,8 +134,8 @@ def clip_dataset(dataset_dir: str | Path, splits: tuple[str, ...] | list[str],
     import ray.data  # the numpy core above stays importable without Ray
 
     columns = KEY_COLUMNS + FACE_COLUMNS + (["clip"] if transform.with_clip else [])
-    ds = ray.data.read_parquet(split_paths(dataset_dir, splits), columns=columns,
-                               shuffle="files" if shuffle else None)
+    ds = ray.data.read_parquet(split_paths(dataset_dir, splits),
+                               shuffle="files" if shuffle else None).select_columns(columns)
     compute = ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None
     return ds.map_batches(transform, batch_format="pyarrow", batch_size=batch_size,
                           zero_copy_batch=True, compute=compute)

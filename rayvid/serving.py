@@ -5,14 +5,17 @@
 
 Deployments, composed through handles (design.md; Ray's model-composition pattern):
 
-- `member-<i>` (`EnsembleMember`), one per checkpoint of `RUN/ensemble.json`: fused clip
-  vectors (n, 512) float32 -> sigmoid scores (n, C), `@serve.batch`ed across requests.
+- `member-<g>` (`EnsembleMember`), each holding a group of the checkpoints of
+  `RUN/ensemble.json` (all of them by default: `members_per_deployment=0`; 1 = one
+  deployment per checkpoint): fused clip vectors (n, 512) float32 + the group's weights ->
+  the weighted sum of its members' sigmoid scores (n, C), `@serve.batch`ed across requests.
 - `IdentifyIngress`: FastAPI + pydantic (`rayvid.serving_api`). It flattens the request's
   faces, fuses them with `rayvid.fusion.qff` and the run's weighting (the one fusion
   implementation training and batch prediction use), `@serve.batch`es concurrent
-  requests into one call per member, blends the members' scores with the current weights
-  (weighted mean of sigmoids, in [0, 1]), and answers the top-k identities, or
-  "unknown" when the best score is below the threshold or no face is usable (qFF ok=False).
+  requests into one call per member deployment, adds the groups' weighted sums and
+  divides by the total weight (weighted mean of sigmoids, in [0, 1]), and answers the
+  top-k identities, or "unknown" when the best score is below the threshold or no face
+  is usable (qFF ok=False).
 
 `user_config` of the ingress (`ServingConfig`: unknown_threshold, weights, top_k, index)
 and of a member (`MemberConfig`: its batch size and wait) is applied in `reconfigure`.
@@ -62,12 +65,19 @@ _RETRIES = 3  # member calls retried after a replica died (Serve routes to a liv
 # ------------------------------------------------------------------ numpy core
 
 
-def blend(member_scores: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Weighted mean of the members' (n, C) sigmoid scores -> (n, C) float32 in [0, 1]."""
-    total = np.zeros_like(member_scores[0])
-    for s, w in zip(member_scores, weights):
-        total += np.float32(w) * s
+def blend(group_sums: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Groups' weighted sums of (n, C) sigmoid scores -> their weighted mean, (n, C) float32
+    in [0, 1]; `weights` are all the members' weights (the divisor)."""
+    total = np.array(group_sums[0], dtype=np.float32, copy=True)
+    for s in group_sums[1:]:
+        total += s
     return total / np.float32(sum(weights))
+
+
+def member_groups(n_members: int, per_deployment: int) -> list[list[int]]:
+    """Member indices per member deployment: 0 = all in one, k = consecutive groups of k."""
+    size = per_deployment or n_members
+    return [list(range(lo, min(lo + size, n_members))) for lo in range(0, n_members, size)]
 
 
 # ------------------------------------------------------------------ deployments
@@ -77,16 +87,17 @@ def blend(member_scores: Sequence[np.ndarray], weights: Sequence[float]) -> np.n
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2,
                                       "target_ongoing_requests": 8})
 class EnsembleMember:
-    """One checkpoint directory: (n, 512) float32 fused clips -> (n, C) sigmoid scores."""
+    """A group of checkpoint directories: (n, 512) float32 fused clips and one weight per
+    checkpoint -> (n, C) weighted sum of their sigmoid scores (`Ensemble.scores`)."""
 
-    def __init__(self, checkpoint: str) -> None:
+    def __init__(self, checkpoints: list[str]) -> None:
         from rayvid.ensemble import Ensemble  # torch is imported in the replica only
 
-        self.model = Ensemble.from_dirs([checkpoint])  # one member: sigmoid(scale * logits)
+        self.model = Ensemble.from_dirs(checkpoints)  # sum of w * sigmoid(scale * logits)
         if self.model.input_kind != "clip_vector":
-            raise ValueError(f"{checkpoint}: serving takes clip-vector models (M1-M5), "
+            raise ValueError(f"{checkpoints}: serving takes clip-vector models (M1-M5), "
                              f"not {self.model.input_kind!r}")
-        self.checkpoint = checkpoint
+        self.checkpoints = checkpoints
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         cfg = MemberConfig.model_validate(config or {})
@@ -94,9 +105,15 @@ class EnsembleMember:
         self.score.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def score(self, xs: list[np.ndarray]) -> list[np.ndarray]:
-        scores = self.model.scores(np.concatenate(xs))
-        return np.split(scores, np.cumsum([len(x) for x in xs])[:-1])
+    async def score(self, xs: list[np.ndarray], weights: list[tuple[float, ...]]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(xs)
+        for w in dict.fromkeys(weights):  # one forward pass per weight vector (normally one)
+            idx = [i for i, wi in enumerate(weights) if wi == w]
+            self.model.weights = list(w)
+            scores = self.model.scores(np.concatenate([xs[i] for i in idx]))
+            for i, part in zip(idx, np.split(scores, np.cumsum([len(xs[i]) for i in idx])[:-1])):
+                out[i] = part
+        return out
 
 
 api = FastAPI(title="rayvid", max_body_size=MAX_BODY_BYTES, version="1",
@@ -161,9 +178,10 @@ class IdentifyIngress:
     """The HTTP API; fuses faces, fans out to the members, blends, thresholds, searches."""
 
     def __init__(self, run_dir: str, members: list[DeploymentHandle],
-                 index_dir: str | None = None) -> None:
+                 groups: list[list[int]], index_dir: str | None = None) -> None:
         self.spec = predict.read_run(run_dir)
-        self.members = members
+        self.members, self.groups = members, groups  # handle g scores checkpoints groups[g]
+        self.n_members = sum(len(g) for g in groups)
         serving = index.read_serving(run_dir) or {}
         self.defaults = {"unknown_threshold": serving.get("unknown_threshold", DEFAULT_THRESHOLD),
                          "weights": index.ensemble_weights(run_dir), "top_k": DEFAULT_TOP_K,
@@ -179,8 +197,8 @@ class IdentifyIngress:
         given = cfg.model_dump(exclude_none=True)
         merged = {**self.defaults, **given}
         weights = merged["weights"]
-        if len(weights) != len(self.members) or sum(weights) <= 0:
-            raise ValueError(f"weights must be {len(self.members)} numbers >= 0 with a positive "
+        if len(weights) != self.n_members or sum(weights) <= 0:
+            raise ValueError(f"weights must be {self.n_members} numbers >= 0 with a positive "
                              f"sum, got {weights}")
         self.threshold = float(merged["unknown_threshold"])
         self.weights, self.top_k = [float(w) for w in weights], int(merged["top_k"])
@@ -213,22 +231,23 @@ class IdentifyIngress:
         x, ok = fusion.qff(feat, det, quality, fusion.offsets_from_counts(counts),
                            self.spec.weighting)
         weights = self.weights
-        used = [i for i, w in enumerate(weights) if w > 0]
-        parts = await asyncio.gather(*(self._member(i, x) for i in used))
-        scores = blend(parts, [weights[i] for i in used])
+        used = [g for g, idx in enumerate(self.groups) if any(weights[i] > 0 for i in idx)]
+        parts = await asyncio.gather(*(
+            self._member(g, x, tuple(weights[i] for i in self.groups[g])) for g in used))
+        scores = blend(parts, weights)
         cut = np.cumsum([len(it[3]) for it in items])[:-1]
         return list(zip(np.split(scores, cut), np.split(ok, cut)))
 
-    async def _member(self, i: int, x: np.ndarray) -> np.ndarray:
+    async def _member(self, g: int, x: np.ndarray, weights: tuple[float, ...]) -> np.ndarray:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         for attempt in range(_RETRIES):
             try:
-                return await self.members[i].score.remote(x)
+                return await self.members[g].score.remote(x, weights)
             except (RayActorError, ActorUnavailableError) as e:
                 if attempt == _RETRIES - 1:
                     raise
-                log.warning("member-%d replica failed (%s); retrying", i, type(e).__name__)
+                log.warning("member-%d replica failed (%s); retrying", g, type(e).__name__)
                 await asyncio.sleep(0.05 * (attempt + 1))
 
     async def _identify(self, clips: Sequence[Clip], top_k: int | None) -> list[dict[str, Any]]:
@@ -264,7 +283,8 @@ class IdentifyIngress:
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> dict[str, Any]:
         """Liveness and the settings in force."""
-        return {"status": "ok", "members": len(self.members), "num_classes": self.spec.num_classes,
+        return {"status": "ok", "members": self.n_members, "member_deployments": len(self.groups),
+                "num_classes": self.spec.num_classes,
                 "unknown_threshold": self.threshold, "threshold_source": self.threshold_source,
                 "weights": self.weights, "top_k": self.top_k, "index": self.index_dir,
                 "index_version": self.index.manifest["version"] if self.index else None,
@@ -275,25 +295,30 @@ class IdentifyIngress:
 
 
 def build_app(run_dir: str | os.PathLike, index_dir: str | os.PathLike | None = None, *,
-              members: dict[str, Any] | None = None, ingress: dict[str, Any] | None = None):
+              members: dict[str, Any] | None = None, ingress: dict[str, Any] | None = None,
+              members_per_deployment: int = 0):
     """The Serve application of a run folder (and optionally a search index).
 
     members / ingress: deployment options (autoscaling_config, max_ongoing_requests,
-    ray_actor_options, user_config, ...) for every member / the ingress.
+    ray_actor_options, user_config, ...) for every member deployment / the ingress.
+    members_per_deployment: checkpoints per member deployment (0 = all in one).
     Raises predict.PredictError for a missing or malformed run folder.
     """
     run_dir = Path(run_dir).resolve()
     predict.read_run(run_dir)
     entries = json.loads((run_dir / ENSEMBLE_FILE).read_text())["members"]
-    handles = [EnsembleMember.options(name=f"member-{i}", **(members or {}))
-               .bind(str(run_dir / e["path"])) for i, e in enumerate(entries)]
+    groups = member_groups(len(entries), members_per_deployment)
+    handles = [EnsembleMember.options(name=f"member-{g}", **(members or {}))
+               .bind([str(run_dir / entries[i]["path"]) for i in idx])
+               for g, idx in enumerate(groups)]
     index_dir = str(Path(index_dir).resolve()) if index_dir else None
-    return IdentifyIngress.options(**(ingress or {})).bind(str(run_dir), handles, index_dir)
+    return IdentifyIngress.options(**(ingress or {})).bind(str(run_dir), handles, groups, index_dir)
 
 
 def app_builder(args: AppArgs):
     """Application builder for `serve run` / `serve deploy` config files (see AppArgs)."""
-    return build_app(args.run, args.index, members=args.members, ingress=args.ingress)
+    return build_app(args.run, args.index, members=args.members, ingress=args.ingress,
+                     members_per_deployment=args.members_per_deployment)
 
 
 # ------------------------------------------------------------------ config-file deploys

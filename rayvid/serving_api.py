@@ -178,7 +178,8 @@ class SearchResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
-    members: int
+    members: int  # checkpoints in the ensemble
+    member_deployments: int  # the deployments they are packed into
     num_classes: int
     unknown_threshold: float
     threshold_source: str
@@ -215,12 +216,17 @@ class AppArgs(BaseModel):
     run: a run folder of `jobs/train.py` (ensemble.json + checkpoints).
     index: a person-search index of `jobs/index.py`, or None (then /search answers 503).
     members / ingress: Serve deployment options (autoscaling_config, max_ongoing_requests,
-        ray_actor_options, user_config, ...) for every member / for the ingress.
+        ray_actor_options, user_config, ...) for every member deployment / for the ingress.
+    members_per_deployment: checkpoints per member deployment; 0 (default) packs the whole
+        ensemble into one (one handle call per ingress batch: the fastest on CPU, where
+        the models are small). 1 gives each checkpoint its own deployment (to spread a
+        large ensemble over GPUs or nodes).
     """
 
     model_config = _STRICT
     run: str
     index: str | None = None
+    members_per_deployment: int = Field(0, ge=0)
     members: dict[str, Any] = Field(default_factory=dict)
     ingress: dict[str, Any] = Field(default_factory=dict)
 

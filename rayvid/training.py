@@ -154,7 +154,8 @@ class _Progress:
         self.t0 = self.last = time.perf_counter()
         self.step0, self.samples, self.loss_sum, self.loss_n = start_step, 0, 0.0, 0
 
-    def update(self, step: int, epoch: str, loss: float, n: int, lr: float) -> None:
+    def update(self, step: int, epoch: str, loss: "torch.Tensor | float", n: int, lr: float) -> None:
+        """loss: this step's loss; a device tensor is only read (synced) when a line prints."""
         self.samples += n
         self.loss_sum, self.loss_n = self.loss_sum + loss, self.loss_n + 1
         now = time.perf_counter()
@@ -164,7 +165,7 @@ class _Progress:
         steps_rate = (step - self.step0) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / max(steps_rate, 1e-9)
         print(f"[{self.tag}] epoch {epoch} step {step}/{self.total} "
-              f"loss {self.loss_sum / self.loss_n:.4f} {rate:,.0f} samples/s lr {lr:.2e} "
+              f"loss {float(self.loss_sum) / self.loss_n:.4f} {rate:,.0f} samples/s lr {lr:.2e} "
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
         self.last, self.loss_sum, self.loss_n = now, 0.0, 0
 
@@ -210,12 +211,13 @@ def train_loop_per_worker(config: dict) -> None:
             opt.step()
             step += 1
             seen += len(batch["y"])
-            loss_sum, n_batches = loss_sum + float(loss), n_batches + 1
+            loss_d = loss.detach()  # summed on the device: no host sync per step
+            loss_sum, n_batches = loss_sum + loss_d, n_batches + 1
             if rank == 0:
-                progress.update(step, f"{epoch + 1}/{plan.epochs}", float(loss), len(batch["y"]), lr)
+                progress.update(step, f"{epoch + 1}/{plan.epochs}", loss_d, len(batch["y"]), lr)
         train_s = time.perf_counter() - t0
         metrics = evaluate(model, val_shard, plan.num_classes, device)
-        metrics.update(epoch=epoch + 1, step=step, loss=loss_sum / max(n_batches, 1),
+        metrics.update(epoch=epoch + 1, step=step, loss=float(loss_sum) / max(n_batches, 1),
                        samples_per_s=seen / max(train_s, 1e-9), lr=lr if n_batches else 0.0,
                        fold=plan.fold, arch=plan.arch)
         improved = metrics["fold_map"] > state["best_map"]

@@ -74,9 +74,11 @@ def served(ray_local, sim_dataset, tmp_path_factory):
     port, base = _free_port(), yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     dashboard = ray_local.init(ignore_reinit_error=True).dashboard_url
 
-    def deploy(user_config: dict | None = None) -> None:
-        deploy_config(serve_config(base, run, index_dir, port=port, user_config=user_config),
-                      dashboard)
+    def deploy(user_config: dict | None = None, per_deployment: int | None = None) -> None:
+        cfg = serve_config(base, run, index_dir, port=port, user_config=user_config)
+        if per_deployment is not None:
+            cfg["applications"][0]["args"]["members_per_deployment"] = per_deployment
+        deploy_config(cfg, dashboard)
 
     deploy()
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
@@ -163,6 +165,7 @@ def test_search_health_and_docs(served, sim_dataset):
     assert r.json()["index_version"] == 1
     health = client.get("/healthz").json()
     assert (health["status"], health["members"], health["weights"]) == ("ok", 2, list(WEIGHTS))
+    assert health["member_deployments"] == 1  # configs/serve.yaml packs the ensemble
     assert (health["unknown_threshold"], health["threshold_source"]) == (THRESHOLD, "serving.json")
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/identify", "/identify/batch", "/search", "/healthz"} <= set(paths)
@@ -265,6 +268,32 @@ def test_search_reloads_an_updated_index(served):
     os.replace(tmp, manifest_path)  # as update_index's folder swap: a new manifest
     r = served["client"].get("/search", params={"id": 1, "k": 1})
     assert r.status_code == 200 and r.json()["index_version"] == 2
+
+
+def test_one_deployment_per_checkpoint_scores_the_same(served, clips):
+    client, (bodies, scores) = served["client"], clips
+    served["deploy"](per_deployment=1)  # args change: the app is rebuilt with 2 members
+    try:
+        assert client.get("/healthz").json()["member_deployments"] == 2
+        r = client.post("/identify/batch", json={"clips": bodies[:4]})
+        assert r.status_code == 200, r.text
+        for answer, want in zip(r.json()["results"], scores[:4]):
+            _check(answer, want)
+    finally:
+        served["deploy"](per_deployment=0)
+
+
+def test_member_groups_and_blend():
+    from rayvid.serving import blend, member_groups
+
+    assert member_groups(6, 0) == [[0, 1, 2, 3, 4, 5]]
+    assert member_groups(5, 2) == [[0, 1], [2, 3], [4]]
+    assert member_groups(3, 1) == [[0], [1], [2]]
+    rng = np.random.default_rng(0)
+    s = rng.random((3, 4, 7), dtype=np.float32)
+    w = [1.0, 0.5, 2.0]
+    sums = [w[0] * s[0] + w[1] * s[1], w[2] * s[2]]  # two groups' weighted sums
+    np.testing.assert_allclose(blend(sums, w), np.tensordot(w, s, 1) / 3.5, rtol=1e-6)
 
 
 def test_cli_bad_run_exits_2_before_starting_ray(tmp_path):
