@@ -113,7 +113,7 @@ def _final_state(result) -> dict:
     if ckpt is None:
         return {}
     with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     keep = ("epoch", "step", "loss", "fold_map", "fold_acc", "samples_per_s", "lr")
     return {"history": [{k: h[k] for k in keep if k in h} for h in state["history"]],
             "restores": state.get("restores", [])}

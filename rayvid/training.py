@@ -13,8 +13,10 @@ merged across ranks), a checkpoint every epoch and the best one copied to
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -104,11 +106,11 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, An
         return state
     with ckpt.as_directory() as d:
         unwrap_model(model).load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu"))
-        saved = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+        saved = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     opt.load_state_dict(saved.pop("optimizer"))
     state.update(saved)
     state["restores"] = state.get("restores", []) + [state["epoch"]]  # resumed after epoch N
-    print(f"resumed from checkpoint at epoch {state['epoch']}, step {state['step']}", flush=True)
+    _say(f"resumed from checkpoint at epoch {state['epoch']}, step {state['step']}")
     return state
 
 
@@ -146,6 +148,13 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
             "fold_acc": sum(p[3] for p in parts) / max(total, 1), "val_clips": total}
 
 
+def _say(line: str) -> None:
+    """One line to the worker's stdout (Ray forwards it to the driver). Not `print`: Train
+    v2 patches print in workers to write both stdout and its logger, so lines came twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class _Progress:
     """Rank-0 progress line every `every_s` seconds: step/total, loss, samples/s, lr, ETA."""
 
@@ -164,9 +173,9 @@ class _Progress:
         rate = self.samples / max(now - self.t0, 1e-9)
         steps_rate = (step - self.step0) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / max(steps_rate, 1e-9)
-        print(f"[{self.tag}] epoch {epoch} step {step}/{self.total} "
+        _say(f"[{self.tag}] epoch {epoch} step {step}/{self.total} "
               f"loss {float(self.loss_sum) / self.loss_n:.4f} {rate:,.0f} samples/s lr {lr:.2e} "
-              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
         self.last, self.loss_sum, self.loss_n = now, 0.0, 0
 
 
@@ -232,16 +241,17 @@ def _report(cfg, plan: FoldPlan, model, opt, state: dict, metrics: dict, improve
     import ray.train
 
     if rank == 0:
-        print(f"[fold {plan.fold} {plan.arch}] epoch {metrics['epoch']}/{plan.epochs} "
+        _say(f"[fold {plan.fold} {plan.arch}] epoch {metrics['epoch']}/{plan.epochs} "
               f"loss {metrics['loss']:.4f} fold mAP {metrics['fold_map']:.4f} "
-              f"(best {state['best_map']:.4f}) acc {metrics['fold_acc']:.4f}", flush=True)
+              f"(best {state['best_map']:.4f}) acc {metrics['fold_acc']:.4f}")
     extra = {"fold": plan.fold, "epoch": metrics["epoch"], "fold_map": metrics["fold_map"],
              "weighting": dataclasses.asdict(cfg.fusion.weighting)}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             ckpt_dir = save_checkpoint(Path(tmp) / "ckpt", model, job_config=to_dict(cfg), extra=extra)
-            torch.save({**{k: v for k, v in state.items()}, "optimizer": opt.state_dict()},
+            plain = json.loads(json.dumps(state, default=float))  # no numpy scalars: the
+            torch.save({**plain, "optimizer": opt.state_dict()},  # weights_only loader reads it
                        ckpt_dir / TRAIN_STATE_FILE)
             if improved:  # the best one is kept outside Ray's rotation, on the run's storage
                 save_checkpoint(Path(plan.out_dir) / "best", model, job_config=to_dict(cfg),
