@@ -66,7 +66,8 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
     n_train = rdata.count_training_clips(dataset, cfg.folds.splits, train_tf)
     plan = plan_fold(cfg, n_train, rdata.read_meta(dataset)["num_classes"], fold, arch, out)
     train_tf = dataclasses.replace(train_tf, repeats=plan.repeats)
-    print(f"[fold {fold} {arch}] {n_train} training clips, {plan.repeats} qFDA draws per clip "
+    what = "qFDA draws" if cfg.qfda.enabled else "copies of its qFF vector"
+    print(f"[fold {fold} {arch}] {n_train} training clips, {plan.repeats} {what} per clip "
           f"per epoch, {plan.epochs} epochs x {plan.steps_per_epoch} steps", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -54,6 +54,19 @@ def test_training_transform_gates_drops_empty_and_repeats(sim_dataset):
     assert out["x"].dtype == np.float32 and np.isfinite(out["x"]).all()
 
 
+def test_training_without_qfda_repeats_the_fused_clips(sim_dataset):
+    """qfda.enabled=false trains on qFF vectors; `repeats` keeps the optimizer steps the
+    schedule was planned for (one row per clip per epoch trained 1/30 of the steps)."""
+    table = _table(sim_dataset, "train")
+    once = rdata.ClipTransform(mode="qff", gate=(0.7, 25.0), drop_empty=True)(table)
+    tf = rdata.ClipTransform(mode="qff", gate=(0.7, 25.0), drop_empty=True, repeats=3, seed=1)
+    out = tf(table)
+    assert len(out["y"]) == 3 * len(once["y"])
+    rows = {tuple(np.round(x, 5)) + (y,) for x, y in zip(once["x"], once["y"])}
+    assert {tuple(np.round(x, 5)) + (y,) for x, y in zip(out["x"], out["y"])} == rows
+    assert not (out["y"][: len(once["y"])] == once["y"]).all()  # shuffled, not stacked
+
+
 def test_test_split_never_enters_a_fold(sim_dataset):
     table = _table(sim_dataset, "test")
     out = rdata.ClipTransform(mode="qff", folds=(5, 0, "train"))(table)
