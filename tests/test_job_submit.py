@@ -116,12 +116,31 @@ class LocalHead:
 
 
 def start_head(
-    num_cpus: int = NUM_CPUS, auth_token: Path | None = None, timeout_s: float = 180
+    num_cpus: int = NUM_CPUS, auth_token: Path | None = None, timeout_s: float = 180,
+    attempts: int = 3,
 ) -> LocalHead:
     """Start a Ray head on explicit free ports; return once it accepts jobs.
 
     auth_token: a file holding the token the head requires; None: auth disabled.
+    A `ray start` that exits while starting is retried on fresh ports: on a loaded
+    machine its own wait for the GCS can time out ("Failed to get node info: Deadline
+    Exceeded", seen with load ~15 on 2 cores); that is Ray's start-up, not the job API.
     """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_head_once(num_cpus, auth_token, timeout_s)
+        except HeadExited:
+            if attempt == attempts:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
+class HeadExited(RuntimeError):
+    """`ray start` exited before the head was ready."""
+
+
+def _start_head_once(num_cpus: int, auth_token: Path | None, timeout_s: float) -> LocalHead:
     taken: set[int] = set()
     gcs, dash, agent_http, agent_grpc, client, node_mgr, obj_mgr, runtime_env, metrics = (
         _free_ports(9, taken)
@@ -156,6 +175,12 @@ def start_head(
         # head's dashboard agent, which runs the jobs, listens too.
         urls = [f"{head.dashboard_url}/api/jobs/", f"http://127.0.0.1:{agent_http}/"]
         _wait_ready(head, urls, timeout_s)
+    except HeadExited:
+        try:
+            stop_head(head)  # its processes, if any are left
+        except AssertionError:
+            pass  # "the head exited": known, and raised below with its log
+        raise
     except BaseException:
         stop_head(head)
         raise
@@ -167,7 +192,7 @@ def _wait_ready(head: LocalHead, urls: list[str], timeout_s: float) -> None:
     pending = list(urls)
     while pending and time.monotonic() < deadline:
         if head.proc.poll() is not None:
-            raise RuntimeError(f"ray start exited {head.proc.returncode}:\n{head.log_tail()}")
+            raise HeadExited(f"ray start exited {head.proc.returncode}:\n{head.log_tail()}")
         if _http_answers(pending[0]):
             pending.pop(0)
         else:
