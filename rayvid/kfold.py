@@ -60,7 +60,8 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
     out = run_dir / "folds" / str(fold) / arch
     if (out / RESULT_FILE).exists():
         log.info("fold %d %s already finished: %s", fold, arch, out)
-        return json.loads((out / RESULT_FILE).read_text())
+        # `best` as it is now: the run folder may have moved (or been copied) since.
+        return {**json.loads((out / RESULT_FILE).read_text()), "best": str(out / "best")}
     out.mkdir(parents=True, exist_ok=True)
     train_tf, heldout_tf = transforms(cfg, fold)
     n_train = rdata.count_training_clips(dataset, cfg.folds.splits, train_tf)

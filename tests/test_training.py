@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,10 @@ def test_train_fold_checkpoints_reports_fold_map_and_skips_when_done(ray_local, 
     t0 = time.perf_counter()
     again = train_fold(_cfg(), sim_dataset, tmp_path, fold=1, arch="M5")  # finished: skipped
     assert again["best_map"] == result["best_map"] and time.perf_counter() - t0 < 5
+    moved = tmp_path.parent / (tmp_path.name + "-moved")  # a run folder copied elsewhere
+    shutil.copytree(tmp_path, moved)
+    there = train_fold(_cfg(), sim_dataset, moved, fold=1, arch="M5")
+    assert there["best"] == str(moved.resolve() / "folds" / "1" / "M5" / "best")
 
 
 def _registered_epoch(run: Path, timeout: float) -> int:
