@@ -212,7 +212,7 @@ def kill_one(delay_s: float, member: str = "member-0"):
     return hook
 
 
-def start_app(run: Path, replicas: int | None, num_cpus: int) -> str:
+def start_app(run: Path, replicas: int | None, num_cpus: int, per_deployment: int | None = None) -> str:
     """Deploy configs/serve.yaml for `run` on a free loopback port; returns the URL."""
     import ray
     import yaml
@@ -223,8 +223,10 @@ def start_app(run: Path, replicas: int | None, num_cpus: int) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    app = base["applications"][0]
+    if per_deployment is not None:
+        app["args"]["members_per_deployment"] = per_deployment
     if replicas:  # fixed replica counts: per-replica numbers, no autoscaling mid-run
-        app = base["applications"][0]
         for opts in [app["args"]["members"], *app.get("deployments", [])]:
             opts["autoscaling_config"] = {**opts.get("autoscaling_config", {}),
                                           "min_replicas": replicas, "max_replicas": replicas}
@@ -249,6 +251,8 @@ def main() -> int:
     p.add_argument("--encoding", choices=["json", "b64"], default="json", help="feature encoding")
     p.add_argument("--kill-replica", action="store_true", help="kill a member replica under load")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    p.add_argument("--members-per-deployment", type=int, default=None,
+                   help="checkpoints per member deployment (default: configs/serve.yaml's, 0 = all in one)")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     run = Path(args.run).resolve()
@@ -259,9 +263,10 @@ def main() -> int:
     batches = [json.dumps({"clips": [clip_body(c, args.encoding) for c in g]}).encode()
                for g in chunks if len(g) == args.batch_clips]
     limit = in_process(run, clips, args.batch_clips, min(args.seconds, 10.0), batches)
-    url = args.url or start_app(run, args.replicas, args.num_cpus)
+    url = args.url or start_app(run, args.replicas, args.num_cpus, args.members_per_deployment)
     summary = {"url": url, "encoding": args.encoding, "clips": len(clips), "faces_per_clip": round(float(faces), 2),
-               "replicas": args.replicas or "autoscaling", "load_avg_1m": os.getloadavg()[0],
+               "replicas": args.replicas or "autoscaling",
+               "members_per_deployment": args.members_per_deployment, "load_avg_1m": os.getloadavg()[0],
                "in_process": limit}
     asyncio.run(drive(url, "/identify", singles, 1, 8, 100, 20))  # warm-up
     # Serve's own floor on this machine: proxy + ingress, no body, no model.
