@@ -85,9 +85,9 @@ class ClipTransform:
             out = {"x": x, "y": labels, "ok": ok}
             if clips is not None:
                 out["clip"] = clips
-            if self.repeats > 1:  # training without qFDA: as many samples (and optimizer
+            if self.repeats > 1:  # training without qFDA: the planned number of steps
                 order = np.random.default_rng(self.seed).permutation(len(labels) * self.repeats)
-                out = {k: np.concatenate([v] * self.repeats)[order] for k, v in out.items()}  # steps)
+                out = {k: np.concatenate([v] * self.repeats)[order] for k, v in out.items()}
             return out
         return self._qfda(feat, det, quality, offsets, labels)
 

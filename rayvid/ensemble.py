@@ -99,13 +99,19 @@ class Ensemble:
             m.to(self.device)
         return self
 
-    def scores(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    def scores(self, x: np.ndarray, mask: np.ndarray | None = None,
+               weights: Sequence[float] | None = None) -> np.ndarray:
         """Weighted sum over members of `sigmoid(logit_scale * output)`, `(n, C) float32`.
 
         x: `(n, in_dim) float32` fused clip features for clip-vector members; `(n, F, in_dim + 2)`
         face sets for "face_set" members; `(n, sum of modality dims)` for "multimodal".
         mask: `(n, F) bool` face mask, or `(n, 4) bool` modality presence; None when unused.
+        weights: one per member for this call (a served ensemble's current weights);
+            None uses `self.weights`.
         """
+        weights = self.weights if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.members):
+            raise ValueError(f"{len(self.members)} members but {len(weights)} weights")
         x = np.asarray(x, dtype=np.float32)
         out = np.empty((len(x), self.num_classes), dtype=np.float32)
         with torch.inference_mode():
@@ -115,7 +121,7 @@ class Ensemble:
                 if mask is not None:
                     args.append(torch.from_numpy(np.asarray(mask[lo:lo + self.batch_size], dtype=bool)).to(self.device))
                 total = torch.zeros((len(xb), self.num_classes), dtype=torch.float32, device=self.device)
-                for m, w in zip(self.members, self.weights):
+                for m, w in zip(self.members, weights):
                     scale = float(getattr(m, "logit_scale", 1.0))
                     total += w * torch.sigmoid(scale * m(*args).float())
                 out[lo:lo + len(xb)] = total.cpu().numpy()

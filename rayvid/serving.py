@@ -109,8 +109,7 @@ class EnsembleMember:
         out: list[np.ndarray | None] = [None] * len(xs)
         for w in dict.fromkeys(weights):  # one forward pass per weight vector (normally one)
             idx = [i for i, wi in enumerate(weights) if wi == w]
-            self.model.weights = list(w)
-            scores = self.model.scores(np.concatenate([xs[i] for i in idx]))
+            scores = self.model.scores(np.concatenate([xs[i] for i in idx]), weights=w)
             for i, part in zip(idx, np.split(scores, np.cumsum([len(xs[i]) for i in idx])[:-1])):
                 out[i] = part
         return out

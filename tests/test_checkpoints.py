@@ -112,6 +112,12 @@ def test_ensemble_equals_manual_sum_of_sigmoids() -> None:
     got = ens.scores(x)
     assert got.dtype == np.float32 and got.shape == (10, C) and ens.num_classes == C
     np.testing.assert_allclose(got, manual.numpy(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # per-call weights (what a served member gets) override, once
+        only_m3 = 3.0 * torch.sigmoid(members[1](t))
+    np.testing.assert_allclose(ens.scores(x, weights=[0, 3, 0]), only_m3.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ens.scores(x), got)
+    with pytest.raises(ValueError, match="3 members but 2 weights"):
+        ens.scores(x, weights=[1, 1])
 
 
 def test_ensemble_from_run(tmp_path: Path) -> None:
