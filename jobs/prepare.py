@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from rayvid.prepare import DatasetExistsError, peak_rss_bytes, prepare_release  # noqa: E402
-from rayvid.py2pickle import ReleaseFormatError  # noqa: E402
+from rayvid.pickle_reader import ReleaseFormatError  # noqa: E402
 
 log = logging.getLogger("prepare")
 MiB = 1 << 20

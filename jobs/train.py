@@ -43,7 +43,7 @@ def main() -> int:
     run_dir = Path(args.out or Path("runs") / (cfg.name + ("-smoke" if args.smoke_test else "")))
 
     import ray
-    from rayvid.py2pickle import ReleaseFormatError
+    from rayvid.pickle_reader import ReleaseFormatError
     from rayvid.report import summary_lines
     from rayvid.run import run_training
 

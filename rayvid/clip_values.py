@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rayvid.py2pickle import ReleaseFormatError
+from rayvid.pickle_reader import ReleaseFormatError
 from rayvid.schema import BBOX_LEN
 
 # Fields of one detection, in the order of the release's item lists/tuples.

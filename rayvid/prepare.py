@@ -5,7 +5,7 @@
 An external hash join, because each of the four modality pickles of a split may be larger
 than memory and they list clips in different orders:
 
-1. stream each pickle (`py2pickle.iter_dict_items`), validate each clip
+1. stream each pickle (`pickle_reader.iter_dict_items`), validate each clip
    (`release.parse_detections` / `parse_audio`) and append it to spill bucket
    `crc32(clip) % P` (`rayvid.bucketing`), P chosen so that a bucket is ~`bucket_bytes`;
 2. per bucket, join the face/head/body/audio rows on clip, attach label and `strat_rank`
@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import bucketing
-from rayvid.py2pickle import iter_dict_items
+from rayvid.pickle_reader import iter_dict_items
 from rayvid.release import (NUM_IDENTITIES, BadClipError, Release, clip_name, parse_audio,
                             parse_detections)
 from rayvid.schema import (COUNT_COLUMN, DATASET_SCHEMA, FACE_DIM, FORMAT_NAME, FORMAT_VERSION,

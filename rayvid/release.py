@@ -7,7 +7,7 @@ dicts (face, head, body, audio; clip name bytes -> value) and, for train/val, a 
     labels = release.labels("val")                      # {clip: id}, ids 1..10034
     faces = parse_detections(value, "face", file=path, clip=clip, feat_dim=512)
 
-Pickles are never unpickled here: `rayvid.py2pickle.iter_dict_items` streams them through
+Pickles are never unpickled here: `rayvid.pickle_reader.iter_dict_items` streams them through
 its restricted reader, and the functions below turn one clip's plain value into numpy arrays
 or raise `BadClipError` naming the file, the clip and the field.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rayvid.clip_values import (DETECTION_FIELDS, BadClipError, clip_name, parse_audio,
                                 parse_detections)
-from rayvid.py2pickle import ReleaseFormatError
+from rayvid.pickle_reader import ReleaseFormatError
 from rayvid.schema import MODALITIES, SPLITS
 
 __all__ = ["DETECTION_FIELDS", "NUM_IDENTITIES", "BadClipError", "GtFormatError",

@@ -20,7 +20,8 @@ import pytest
 from rayvid import schema
 from rayvid.metrics import read_gt, read_train_gt
 from rayvid.prepare import DatasetExistsError, prepare_release, read_meta
-from rayvid.py2pickle import UnsafePickleError, iter_dict_items, write_dict
+from rayvid.pickle_reader import UnsafePickleError, iter_dict_items
+from rayvid.py2_writer import write_dict
 from rayvid.release import BadClipError, GtFormatError, Release
 
 REPO = Path(__file__).resolve().parents[1]

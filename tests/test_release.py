@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rayvid.py2pickle import ReleaseFormatError
+from rayvid.pickle_reader import ReleaseFormatError
 from rayvid.release import (BadClipError, GtFormatError, MissingFilesError, Release, clip_name,
                             parse_audio, parse_detections, parse_train_gt, parse_val_gt)
 

@@ -1,7 +1,7 @@
 """Tests of rayvid's release simulator (rayvid.simulator): layout, formats, determinism,
 scale, and the properties that make the real release hard. All tiny (~15 s of CPU in all).
 
-Files are read back only through rayvid.py2pickle's restricted reader, never pickle.load.
+Files are read back only through rayvid.pickle_reader's restricted reader, never pickle.load.
 """
 
 import json
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rayvid.py2pickle import iter_dict_items, load
+from rayvid.pickle_reader import iter_dict_items, load
 from rayvid.simulate import SimParams, build_world, clip_latent, iter_clips, simulate_release
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ Files (docs/iqiyi-vid-2019.md): face_{train,val}_v2.pickle, face_test.pickle,
 {head,body,audio}_{train,val,test}.pickle, train_gt.txt, val_gt.txt; plus the simulated
 test key and every generator parameter under `_simulator/` (test_gt.txt, params.json),
 which no official file mentions. Each pickle is streamed clip by clip through
-`rayvid.py2pickle.write_dict`: memory holds one clip, one modality's identity centres and
+`rayvid.py2_writer.write_dict`: memory holds one clip, one modality's identity centres and
 one int per clip, whatever the scale.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rayvid.py2pickle import write_dict
+from rayvid.py2_writer import write_dict
 from rayvid.simulator.features import VALUE, modality
 from rayvid.simulator.latent import clip_latent
 from rayvid.simulator.params import GENERATOR_VERSION, MODALITIES, SPLITS, SimParams

@@ -1,6 +1,6 @@
-"""Tests of rayvid.py2pickle: the restricted streaming reader and the py2-style writer.
+"""Tests of rayvid.pickle_reader (the restricted streaming reader) and rayvid.py2_writer.
 
-Run: pytest tests/test_py2pickle.py  (a few seconds, no Ray).
+Run: pytest tests/test_pickle_reader.py  (a few seconds, no Ray).
 ``pickle.dumps`` creates test inputs; ``pickle.loads`` is only used as an oracle on
 bytes the tests themselves wrote.
 """
@@ -15,9 +15,10 @@ import weakref
 import numpy as np
 import pytest
 
-from rayvid import py2pickle as P
-from rayvid.py2pickle import (PickleFormatError, ReleaseFormatError, UnsafePickleError,
-                              WalkStats, iter_dict_items, load, write_dict)
+from rayvid import pickle_reader as P
+from rayvid.pickle_reader import (PickleFormatError, ReleaseFormatError, UnsafePickleError,
+                                  WalkStats, iter_dict_items, load)
+from rayvid.py2_writer import write_dict
 
 # What python 2.7 cPickle protocol 2 + numpy 1.x writes for
 # {'IQIYI_VID_TRAIN_0000001': [['5', [10, 20, 300, 400], 0.5, 33.25,
