@@ -8,6 +8,7 @@ bytes the tests themselves wrote.
 import gc
 import os
 import pickle
+import pickletools
 import sys
 import subprocess
 import weakref
@@ -439,3 +440,28 @@ assert "numpy.core" not in sys.modules
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+# --- the reference scan (pass 1) against pickletools ------------------------------------------
+
+
+def _last_fetches(data: bytes) -> dict[int, int]:
+    """The oracle: each memo id's last GET/BINGET/LONG_BINGET offset, from pickletools."""
+    return {int(arg): pos for op, arg, pos in pickletools.genops(data)
+            if op.name in ("GET", "BINGET", "LONG_BINGET")}
+
+
+@pytest.mark.parametrize("chunk", [None, 1500, 4099])
+def test_reference_scan_matches_pickletools(tmp_path, chunk):
+    rng = np.random.default_rng(11)
+    items = list(_release_like(rng, 700))
+    shared = b"shared-frame"
+    items += [(b"s%04d" % i, [[shared, [1, 2, 3, 4], 0.5, 1.0, _f16(rng, 300)]])
+              for i in range(300)]  # long arrays cross small read chunks
+    for protocol in range(6):
+        data = pickle.dumps(dict(items), protocol=protocol)
+        path = _write(tmp_path, data)
+        assert pickle_scan.scan_references(path, chunk) == _last_fetches(data), protocol
+    path = tmp_path / "py2.pickle"
+    write_dict(path, items)
+    assert pickle_scan.scan_references(path, chunk) == _last_fetches(path.read_bytes())
