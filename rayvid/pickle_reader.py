@@ -115,7 +115,8 @@ class _Walker:
                  stats: WalkStats | None, max_shared_bytes: int):
         self.read, self.path, self.stream, self.refs = f.read, path, stream, refs
         self.stats, self.max_shared_bytes = stats or WalkStats(), max_shared_bytes
-        self.chunk = max(1, min(pickle_scan.CHUNK, os.fstat(f.fileno()).st_size))
+        self.size = os.fstat(f.fileno()).st_size
+        self.chunk = max(1, min(pickle_scan.CHUNK, self.size))
         self.buf, self.base, self.eof = b"", 0, False
         self.limit = 0
         self.stack: list = []
@@ -135,7 +136,12 @@ class _Walker:
         self.limit = _NO_LIMIT if self.eof else len(buf) - pickle_scan.SLACK
 
     def span(self, keep: int, end: int) -> None:
-        """Like refill, for an argument that must end at ``end``; _Truncated if it can't."""
+        """Like refill, for an argument that must end at ``end``; _Truncated if it can't.
+
+        A length past the end of the file is refused before anything is read (a corrupt
+        8-byte length must not become an allocation)."""
+        if self.base + end > self.size:
+            raise _Truncated
         buf, eof = pickle_scan.fill(self.read, self.buf, keep, end - keep, self.chunk)
         if len(buf) < end - keep:
             raise _Truncated
@@ -260,6 +266,8 @@ class _Walker:
                 raise Bad(f"unsupported pickle protocol {self.buf[pos]}")
             return pos + 1
         elif op == 0x95:  # FRAME: our own buffer makes frames irrelevant
+            if self.base + pos + 8 > self.size:
+                raise _Truncated
             return pos + 8
         elif op in REFUSED:
             raise Bad(f"opcode {REFUSED[op]} is not supported")
@@ -308,7 +316,7 @@ class _Walker:
             raise
         except Exception as e:
             base, opos = self.error_at
-            raise self.public_error(e, base + opos) from None
+            raise self.public_error(e, min(base + opos, self.size)) from None
 
     def public_error(self, e: Exception, offset: int) -> Exception:
         """The PickleFormatError/UnsafePickleError for internal error ``e``, or ``e`` itself."""
@@ -475,6 +483,7 @@ class _Walker:
                             k, v = items[i], items[i + 1]
                             items[i] = items[i + 1] = None  # the consumer may free values
                             hash(k)  # a dict key must be hashable, as in a real load
+                            _check_plain(v)
                             yield k, v
                         k = v = None
                         self.after_batch(len(items) // 2)
@@ -490,6 +499,7 @@ class _Walker:
                 elif op == 46:  # STOP
                     if metastack or len(stack) != 1:
                         raise Bad("STOP with an open MARK or not exactly one object")
+                    _check_plain(stack[0])
                     if not streaming:
                         yield None, stack[0]
                     elif stack[0] is not self.top:
@@ -533,6 +543,29 @@ class _Walker:
         self.put(q1[0] if q1 is not None else U4(r4)[0], arr)
         self.stack.append(arr)
         return end + 2
+
+
+_LEAVES = frozenset((bytes, str, int, float, bool, type(None), complex, bytearray, np.ndarray))
+_CONTAINERS = frozenset((list, tuple, set, frozenset))
+
+
+def _check_plain(value) -> None:
+    """Bad if a stand-in escaped into the data: a global never REDUCEd (pickle.load would
+    return the callable itself) or an array/dtype whose BUILD never came."""
+    todo, seen = [value], set()
+    while todo:
+        v = todo.pop()
+        c = v.__class__
+        if c in _LEAVES:
+            continue
+        if c in _CONTAINERS or c is dict:
+            if id(v) not in seen:  # containers may be shared or cyclic (load)
+                seen.add(id(v))
+                todo.extend(v.items() if c is dict else v)
+        elif c is Global or c is Pending:
+            name = v.qualname if c is Global else "an array or dtype without its BUILD"
+            raise Bad(f"the data holds {name} itself, not a value built from it "
+                      "(not supported)")
 
 
 def _check_top_is_dict(buf: bytes) -> None:
