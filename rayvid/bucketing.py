@@ -6,8 +6,9 @@ the face/head/body/audio parts of one bucket (all of a clip's rows land in the s
 whatever the order of the four dicts) and joins them in memory. Memory is O(bucket +
 buffer), independent of the release size.
 
-Spill rows use the dataset's own column names (`rayvid.schema`): `clip` plus the
-modality's columns, e.g. `n_faces, face_frame, face_bbox, face_det, face_quality, face_feat`.
+Spill rows use the dataset's own column names and types (`rayvid.schema`): `clip` plus the
+modality's columns, e.g. `n_faces, face_frame, face_bbox, face_det, face_quality, face_feat`
+(features as one float16 blob per clip).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 
 from rayvid.release import BadClipError
 from rayvid.schema import (DATASET_SCHEMA, LABELLED_SPLITS, MODALITIES, MODALITY_FIELDS,
-                           NOISE_LABEL, offsets_from_counts)
+                           NOISE_LABEL, feat_blobs, offsets_from_counts)
 
 MiB = 1 << 20
 DEFAULT_BUCKET_BYTES = 64 * MiB
@@ -74,17 +75,16 @@ def detections_batch(modality: str, clips: list[str],
     cols = [pa.array(clips, pa.string()), pa.array(counts)]
     for field in fields[1:]:
         key = field.name.split("_", 1)[1]  # face_feat -> feat
-        cols.append(_list_column([it[key] for it in items], counts, field.type.value_type))
+        if key == "feat":
+            cols.append(feat_blobs([it[key] for it in items]))
+        else:
+            cols.append(_list_column([it[key] for it in items], counts, field.type.value_type))
     return pa.RecordBatch.from_arrays(cols, schema=spill_schema(modality))
 
 
 def audio_batch(clips: list[str], feats: list[np.ndarray]) -> pa.RecordBatch:
     """Rows (clip, audio_feat) for validated audio vectors from `clip_values.parse_audio`."""
-    counts = np.array([len(f) for f in feats], np.int32)
-    values = np.concatenate(feats) if feats else np.empty(0, np.float16)
-    col = pa.ListArray.from_arrays(pa.array(offsets_from_counts(counts).astype(np.int32)),
-                                   pa.array(values))
-    return pa.RecordBatch.from_arrays([pa.array(clips, pa.string()), col],
+    return pa.RecordBatch.from_arrays([pa.array(clips, pa.string()), feat_blobs(feats)],
                                       schema=spill_schema("audio"))
 
 
@@ -167,7 +167,8 @@ def _empty_row(modality: str) -> pa.RecordBatch:
     """One row with no detections: what a clip absent from a modality's pickle gets."""
     cols = [pa.array([""], pa.string())]
     for f in MODALITY_FIELDS[modality]:
-        cols.append(pa.array([0] if f.type == pa.int32() else [[]], f.type))
+        empty = 0 if f.type == pa.int32() else b"" if pa.types.is_large_binary(f.type) else []
+        cols.append(pa.array([empty], f.type))
     return pa.RecordBatch.from_arrays(cols, schema=spill_schema(modality))
 
 
