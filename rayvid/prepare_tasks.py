@@ -16,6 +16,8 @@ returned in `SpillResult.skipped` ("skip"); the caller decides what the run does
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import time
 from dataclasses import dataclass, field
@@ -44,6 +46,25 @@ CANCEL_CHECK_ITEMS = 256
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _libc_malloc_trim() -> ctypes._CFuncPtr | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS after a task, so the next one starts low:
+    glibc keeps the walker's freed arrays (~70 MB after a 250 MB pickle) and mimalloc
+    pyarrow's freed buffers resident otherwise."""
+    pa.default_memory_pool().release_unused()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass(frozen=True)
@@ -120,6 +141,7 @@ def spill_file(task: SpillTask, ctx: TaskContext) -> SpillResult:
                 if time.perf_counter() - last > PROGRESS_SECONDS:
                     last = time.perf_counter()
                     ctx.report(_file_event(task, n, last - t0, done=False))
+    release_memory()
     return SpillResult(task, n, dim, present, skipped, time.perf_counter() - t0,
                        peak_rss_bytes())
 
@@ -161,11 +183,9 @@ def write_bucket(task: WriteTask, ctx: TaskContext) -> WriteResult:
     """Pass 2 for one bucket (see the module docstring); removes its spill files."""
     t0 = time.perf_counter()
     stats = dict.fromkeys(STAT_KEYS, 0)
-    parts = {m: bucketing.read_bucket(task.spill, m, task.bucket) for m in MODALITIES}
-    joined = bucketing.JoinedBucket(task.split, parts, task.files, task.labels, task.ranks,
-                                    set(task.skipped))
-    del parts
-    pa.default_memory_pool().release_unused()
+    joined = bucketing.JoinedBucket(task.split,
+                                    lambda m: bucketing.read_bucket(task.spill, m, task.bucket),
+                                    task.files, task.labels, task.ranks, set(task.skipped))
     written = None
     if joined.num_rows:
         _write_part(joined, task.path, stats, ctx)
@@ -173,6 +193,7 @@ def write_bucket(task: WriteTask, ctx: TaskContext) -> WriteResult:
     del joined
     for m in MODALITIES:
         bucketing.spill_path(task.spill, m, task.bucket).unlink(missing_ok=True)
+    release_memory()
     return WriteResult(task, written, stats, time.perf_counter() - t0, peak_rss_bytes())
 
 
