@@ -1,10 +1,14 @@
 """Convert an iQIYI-VID-2019 release (official or simulated) into rayvid's Parquet dataset.
 
     python jobs/prepare.py --release data/iqiyi --out data/iqiyi-ds [--on-bad-clip skip] [--force]
+                           [--workers N]
     python jobs/prepare.py --smoke-test          # simulate a tiny release and convert it (~30 s)
 
-Bounded memory (an external hash join, see rayvid/prepare.py); prints one line per pickle
-(items, items/s) and a summary with peak RSS. Bad input exits 2 with a one-line error.
+Bounded memory per process (an external hash join, see rayvid/prepare.py); `--workers N`
+processes read pickles and write buckets side by side (default: one per CPU, at most 4;
+1: everything in this process). Prints one line per pickle (items, items/s) and per split,
+and a summary with the peak RSS of this process and of its workers. Bad input exits 2 with
+a one-line error.
 """
 
 import argparse
@@ -17,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
 
-from rayvid.prepare import DatasetExistsError, peak_rss_bytes, prepare_release  # noqa: E402
+from rayvid.prepare import (DatasetExistsError, children_peak_rss_bytes,  # noqa: E402
+                            default_workers, peak_rss_bytes, prepare_release)
+from rayvid.schema import DatasetFormatError  # noqa: E402
 from rayvid.pickle_reader import ReleaseFormatError  # noqa: E402
 
 log = logging.getLogger("prepare")
@@ -43,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--on-bad-clip", choices=("fail", "skip"), default="fail")
     ap.add_argument("--force", action="store_true", help="rebuild an existing dataset")
     ap.add_argument("--bucket-mib", type=int, default=64, help="target spill bucket size")
+    ap.add_argument("--workers", type=int, default=default_workers(),
+                    help="processes reading and writing side by side (default: CPUs, at most "
+                    "4; 1: all in this process)")
     ap.add_argument("--smoke-test", action="store_true", help="simulate 30 ids and convert them")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -55,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     elif not (args.release and args.out):
         ap.error("--release and --out are required (or --smoke-test)")
     try:
+        if args.workers < 1:
+            ap.error(f"--workers must be >= 1, got {args.workers}")
         meta = prepare_release(args.release, args.out, on_bad_clip=args.on_bad_clip,
-                               force=args.force, bucket_bytes=args.bucket_mib * MiB, progress=show)
-    except (ReleaseFormatError, DatasetExistsError) as e:
+                               force=args.force, bucket_bytes=args.bucket_mib * MiB, progress=show,
+                               workers=args.workers)
+    except (ReleaseFormatError, DatasetExistsError, DatasetFormatError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     if meta.get("already_prepared"):
@@ -69,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     secs = max(meta["seconds"], 1e-9)
     print(f"prepared {args.out}: " + ", ".join(f"{k} {s['clips']} clips / {s['faces']} faces"
                                                 for k, s in meta["splits"].items()))
-    print(f"{clips / secs:.0f} clips/s, {faces / secs:.0f} faces/s in {secs:.1f} s; "
-          f"skipped {meta['skipped']['count']} bad clips; "
-          f"peak RSS {peak_rss_bytes() / MiB:.0f} MiB "
-          f"(getrusage), RSS now {psutil.Process().memory_info().rss / MiB:.0f} MiB (psutil)")
+    print(f"{clips / secs:.0f} clips/s, {faces / secs:.0f} faces/s in {secs:.1f} s with "
+          f"{meta['workers']} worker(s); skipped {meta['skipped']['count']} bad clips")
+    print(f"peak RSS {peak_rss_bytes() / MiB:.0f} MiB this process, "
+          f"{children_peak_rss_bytes() / MiB:.0f} MiB largest worker (getrusage RUSAGE_SELF / "
+          f"RUSAGE_CHILDREN); RSS now {psutil.Process().memory_info().rss / MiB:.0f} MiB (psutil)")
     return 0
 
 

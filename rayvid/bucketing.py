@@ -6,13 +6,15 @@ the face/head/body/audio parts of one bucket (all of a clip's rows land in the s
 whatever the order of the four dicts) and joins them in memory. Memory is O(bucket +
 buffer), independent of the release size.
 
-Spill rows use the dataset's own column names (`rayvid.schema`): `clip` plus the
-modality's columns, e.g. `n_faces, face_frame, face_bbox, face_det, face_quality, face_feat`.
+Spill rows use the dataset's own column names and types (`rayvid.schema`): `clip` plus the
+modality's columns, e.g. `n_faces, face_frame, face_bbox, face_det, face_quality, face_feat`
+(features as one float16 blob per clip).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ import pyarrow.compute as pc
 
 from rayvid.release import BadClipError
 from rayvid.schema import (DATASET_SCHEMA, LABELLED_SPLITS, MODALITIES, MODALITY_FIELDS,
-                           NOISE_LABEL, offsets_from_counts)
+                           NOISE_LABEL, feat_blobs, offsets_from_counts)
 
 MiB = 1 << 20
 DEFAULT_BUCKET_BYTES = 64 * MiB
@@ -74,17 +76,16 @@ def detections_batch(modality: str, clips: list[str],
     cols = [pa.array(clips, pa.string()), pa.array(counts)]
     for field in fields[1:]:
         key = field.name.split("_", 1)[1]  # face_feat -> feat
-        cols.append(_list_column([it[key] for it in items], counts, field.type.value_type))
+        if key == "feat":
+            cols.append(feat_blobs([it[key] for it in items]))
+        else:
+            cols.append(_list_column([it[key] for it in items], counts, field.type.value_type))
     return pa.RecordBatch.from_arrays(cols, schema=spill_schema(modality))
 
 
 def audio_batch(clips: list[str], feats: list[np.ndarray]) -> pa.RecordBatch:
     """Rows (clip, audio_feat) for validated audio vectors from `clip_values.parse_audio`."""
-    counts = np.array([len(f) for f in feats], np.int32)
-    values = np.concatenate(feats) if feats else np.empty(0, np.float16)
-    col = pa.ListArray.from_arrays(pa.array(offsets_from_counts(counts).astype(np.int32)),
-                                   pa.array(values))
-    return pa.RecordBatch.from_arrays([pa.array(clips, pa.string()), col],
+    return pa.RecordBatch.from_arrays([pa.array(clips, pa.string()), feat_blobs(feats)],
                                       schema=spill_schema("audio"))
 
 
@@ -167,7 +168,8 @@ def _empty_row(modality: str) -> pa.RecordBatch:
     """One row with no detections: what a clip absent from a modality's pickle gets."""
     cols = [pa.array([""], pa.string())]
     for f in MODALITY_FIELDS[modality]:
-        cols.append(pa.array([0] if f.type == pa.int32() else [[]], f.type))
+        empty = 0 if f.type == pa.int32() else b"" if pa.types.is_large_binary(f.type) else []
+        cols.append(pa.array([empty], f.type))
     return pa.RecordBatch.from_arrays(cols, schema=spill_schema(modality))
 
 
@@ -183,17 +185,30 @@ class JoinedBucket:
     """The clips of one bucket with all modalities joined on clip, sorted by clip name.
 
     parts: modality -> spilled batches (`read_bucket`; the list is emptied to free them as
-    they are combined); files: modality -> pickle path (for errors); labels: {clip: id} of
-    the split's gt; ranks: {clip: strat_rank} (train/val); skipped: clip names to leave out.
+    they are combined), or a callable modality -> batches, called for one modality at a
+    time so that only one modality's batches exist beside the combined tables; files:
+    modality -> pickle path (for errors); labels: {clip: id} of the split's gt; ranks:
+    {clip: strat_rank} (train/val); skipped: clip names to leave out.
     `rows(start, stop)` builds dataset rows lazily so only one row group is materialised
     beyond the bucket itself.
     """
 
-    def __init__(self, split: str, parts: dict[str, list[pa.RecordBatch]],
+    def __init__(self, split: str,
+                 parts: dict[str, list[pa.RecordBatch]] | Callable[[str], list[pa.RecordBatch]],
                  files: dict[str, Path], labels: dict[str, int], ranks: dict[str, int],
                  skipped: set[str]):
-        clip_chunks = [b.column(0) for m in MODALITIES for b in parts[m]]
-        names = pc.unique(pa.chunked_array(clip_chunks, pa.string()))
+        load = parts if callable(parts) else parts.__getitem__
+        self.tables = {}
+        for m in MODALITIES:
+            # The empty row goes last: clips absent from this modality point at it. One
+            # chunk per column, because take() over many chunks concatenates them per call.
+            batches = load(m)
+            self.tables[m] = pa.Table.from_batches(batches + [_empty_row(m)]).combine_chunks()
+            batches.clear()
+            del batches
+            pa.default_memory_pool().release_unused()  # mimalloc keeps freed batches resident
+        spilled = {m: t["clip"].chunk(0).slice(0, t.num_rows - 1) for m, t in self.tables.items()}
+        names = pc.unique(pa.chunked_array(list(spilled.values()), pa.string()))
         if skipped and len(names):
             drop = pc.is_in(names, value_set=pa.array(list(skipped), pa.string()))
             names = names.filter(pc.invert(drop))
@@ -206,17 +221,12 @@ class JoinedBucket:
             self.rank = pa.array([ranks[c] for c in clips], pa.int32())
         else:
             self.label = self.rank = pa.nulls(self.num_rows, pa.int32())
-        self.tables, self.index = {}, {}
-        for m in MODALITIES:
-            # The empty row goes last: clips absent from this modality point at it. One
-            # chunk per column, because take() over many chunks concatenates them per call.
-            table = pa.Table.from_batches(parts[m] + [_empty_row(m)]).combine_chunks()
-            parts[m].clear()
+        self.index = {}
+        for m, table in self.tables.items():
             n = table.num_rows - 1
             _check_unique(table.slice(0, n), files[m])
-            idx = pc.index_in(self.names, value_set=table["clip"].chunk(0).slice(0, n))
+            idx = pc.index_in(self.names, value_set=spilled[m])
             self.index[m] = pc.fill_null(idx, n)
-            self.tables[m] = table
 
     def row_groups(self, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
         """[start, stop) ranges of at most max_rows clips and about max_bytes of data each.

@@ -32,7 +32,9 @@ DETECTION_FIELDS = {
 }
 _INT32_MAX = 2**31 - 1
 _F16 = np.dtype("<f2")
+_F16_EXPONENT = np.uint16(0x7C00)
 _SEQ = (list, tuple)
+_SEQ_TYPES = frozenset(_SEQ)
 
 
 class BadClipError(ReleaseFormatError):
@@ -41,6 +43,9 @@ class BadClipError(ReleaseFormatError):
     def __init__(self, file: str | Path, clip: str, field: str, reason: str):
         self.file, self.clip, self.field, self.reason = str(file), clip, field, reason
         super().__init__(f"{file}: clip {clip}: {field}: {reason}")
+
+    def __reduce__(self):  # pickles across processes (prepare's workers) as itself
+        return type(self), (self.file, self.clip, self.field, self.reason)
 
 
 class _ItemError(Exception):
@@ -82,7 +87,12 @@ def _frame(x: object) -> int:
 
 def _frames(column: tuple) -> np.ndarray:
     try:
-        out = np.array([_frame(x) for x in column], np.int64)
+        try:  # fast path, the release's py2 str frames: all non-empty ASCII digit strings
+            if not (all(column) and b"".join(column).isdigit()):
+                raise TypeError
+            out = np.fromiter(map(int, column), np.int64, len(column))
+        except TypeError:
+            out = np.array([_frame(x) for x in column], np.int64)
         if out.size == 0 or (out.min() >= 0 and out.max() <= _INT32_MAX):
             return out.astype(np.int32)
     except (ValueError, OverflowError):
@@ -178,9 +188,13 @@ def _features(column: tuple, feat_dim: int | None, exact_f16: bool) -> np.ndarra
     first = column[0]
     dim = feat_dim or (first.shape[0] if isinstance(first, np.ndarray) and first.ndim == 1 else 0)
     shape = (dim,)
+    arr = None
     if dim and all(type(x) is np.ndarray and x.shape == shape and x.dtype == _F16 for x in column):
-        arr = np.stack(column)
-    else:
+        try:  # one copy of contiguous little-endian halves; np.stack is ~5x slower here
+            arr = np.frombuffer(b"".join(column), _F16).reshape(len(column), dim)
+        except (BufferError, TypeError, ValueError):  # a non-contiguous view
+            arr = np.stack(column)
+    if arr is None:
         rows, dim = [], feat_dim
         for i, x in enumerate(column):
             try:
@@ -189,9 +203,11 @@ def _features(column: tuple, feat_dim: int | None, exact_f16: bool) -> np.ndarra
                 raise _ItemError(i, f"{e}") from None
             dim = rows[0].shape[0]
         arr = np.stack(rows)
-    finite = np.isfinite(arr).all(axis=1)
-    if not finite.all():
-        raise _ItemError(int(np.argmin(finite)), "NaN or inf (or out of float16 range)")
+    # NaN/inf halves have all exponent bits set: integer ops, ~3x faster than isfinite
+    special = (arr.view(np.uint16) & _F16_EXPONENT) == _F16_EXPONENT
+    if special.any():
+        raise _ItemError(int(np.argmax(special.any(axis=1))),
+                         "NaN or inf (or out of float16 range)")
     return arr
 
 
@@ -210,10 +226,11 @@ def parse_detections(value: object, modality: str, *, file: str | Path, clip: st
         raise BadClipError(file, clip, modality,
                            f"expected a list of detections, got {_describe(value)}")
     arity = len(fields)
-    for i, item in enumerate(value):
-        if not isinstance(item, _SEQ) or len(item) != arity:
-            raise BadClipError(file, clip, f"{modality}[{i}]",
-                               f"expected ({', '.join(fields)}), got {_describe(item)}")
+    if not (set(map(type, value)) <= _SEQ_TYPES and set(map(len, value)) <= {arity}):
+        for i, item in enumerate(value):  # slow path: name the first bad item
+            if not isinstance(item, _SEQ) or len(item) != arity:
+                raise BadClipError(file, clip, f"{modality}[{i}]",
+                                   f"expected ({', '.join(fields)}), got {_describe(item)}")
     columns = list(zip(*value)) if value else [()] * arity
     out = {}
     for name, column in zip(fields, columns):

@@ -112,15 +112,19 @@ class ClipTransform:
 
 
 def read_meta(dataset_dir: str | Path) -> dict[str, Any]:
-    """The dataset's meta JSON; a clear error when the dataset is missing or incomplete."""
+    """The dataset's meta JSON; a clear error when the dataset is missing or incomplete
+    (FileNotFoundError) or of another format version (`schema.DatasetFormatError`, which
+    says to re-run jobs/prepare.py --force)."""
     path = Path(dataset_dir) / schema.META_FILE
     if not path.exists():
         raise FileNotFoundError(f"{dataset_dir} is not a complete rayvid dataset "
                                 f"(no {schema.META_FILE}); run jobs/prepare.py first")
-    return json.loads(path.read_text())
+    return schema.check_version(json.loads(path.read_text()), dataset_dir)
 
 
 def split_paths(dataset_dir: str | Path, splits: tuple[str, ...] | list[str]) -> list[str]:
+    """The Parquet files of `splits`, after checking the dataset (`read_meta`)."""
+    read_meta(dataset_dir)
     paths = []
     for split in splits:
         part_dir = Path(dataset_dir) / split

@@ -83,7 +83,7 @@ def _clip_rows(rng: np.random.Generator, start: int, n: int) -> pa.Table:
     for i in range(5, n, 23):
         quality[i][:] = -5.0  # all faces weigh 0 under W(q): ok False, plain-mean fallback
     label = rng.integers(0, C, n).astype(np.int32)
-    empty_i, empty_f = [[] for _ in range(n)], [[] for _ in range(n)]
+    empty_i, empty_f, no_feat = [[] for _ in range(n)], [[] for _ in range(n)], [b""] * n
     cols = {
         "clip": [f"IQIYI_VID_VAL_{start + i + 1:07d}" for i in range(n)], "split": ["val"] * n,
         "label": label, "strat_rank": np.zeros(n, np.int32), "n_faces": n_faces,
@@ -91,10 +91,11 @@ def _clip_rows(rng: np.random.Generator, start: int, n: int) -> pa.Table:
         "face_bbox": [[0, 0, 10, 10] * f for f in n_faces],
         "face_det": [rng.uniform(0.5, 1, f).astype(np.float32) for f in n_faces],
         "face_quality": quality,
-        "face_feat": [rng.normal(size=f * 512).astype(np.float16) for f in n_faces],
+        "face_feat": schema.feat_blobs([rng.normal(size=(f, 512)).astype(np.float16)
+                                        for f in n_faces]),
         "n_heads": np.zeros(n, np.int32), "head_frame": empty_i, "head_bbox": empty_i,
-        "head_det": empty_f, "head_feat": empty_f, "n_bodies": np.zeros(n, np.int32),
-        "body_frame": empty_i, "body_bbox": empty_i, "body_feat": empty_f, "audio_feat": empty_f,
+        "head_det": empty_f, "head_feat": no_feat, "n_bodies": np.zeros(n, np.int32),
+        "body_frame": empty_i, "body_bbox": empty_i, "body_feat": no_feat, "audio_feat": no_feat,
     }
     return pa.table(cols, schema=schema.DATASET_SCHEMA)
 

@@ -6,6 +6,7 @@ returns them, and every label with `rayvid.metrics`' independent gt parser.
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -19,8 +20,9 @@ import pytest
 
 from rayvid import schema
 from rayvid.metrics import read_gt, read_train_gt
-from rayvid.prepare import DatasetExistsError, prepare_release, read_meta
-from rayvid.pickle_reader import UnsafePickleError, iter_dict_items
+from rayvid import data as rdata
+from rayvid.prepare import DatasetExistsError, FeatureDimError, prepare_release, read_meta
+from rayvid.pickle_reader import PickleFormatError, UnsafePickleError, iter_dict_items
 from rayvid.py2_writer import write_dict
 from rayvid.release import BadClipError, GtFormatError, Release
 
@@ -214,8 +216,33 @@ def test_round_trip_simulated(sim):
         assert s["noise"] == sum(r["label"] == 0 for r in rs.values())
     assert meta["splits"]["val"]["noise"] > 0 and meta["splits"]["train"]["noise"] == 0
     files = [Path(e["file"]).name for e in events if e["event"] == "file" and e["done"]]
-    assert len(files) == 12 and files[0] == "face_train_v2.pickle"
+    sizes = [(Path(release) / f).stat().st_size for f in files]
+    assert len(files) == 12 and sizes == sorted(sizes, reverse=True)  # largest first
     assert not list(dataset.parent.glob("*.tmp-*")) and not (dataset / "_spill").exists()
+
+
+def test_workers_write_the_same_dataset(sim, tmp_path):
+    ids, release, dataset, meta, _ = sim
+    events = []
+    meta2 = prepare_release(release, tmp_path / "d", bucket_bytes=1 << 20, num_ids=ids,
+                            workers=2, progress=events.append)
+    varying = ("seconds", "workers", "peak_rss_bytes", "peak_rss_parent_bytes",
+               "peak_rss_children_bytes")
+    assert {k: v for k, v in meta2.items() if k not in varying} == \
+        {k: v for k, v in meta.items() if k not in varying}
+    assert meta2["workers"] == 2 and meta["workers"] == 1
+    assert meta2["peak_rss_children_bytes"] > 0 and meta2["peak_rss_bytes"] >= \
+        meta2["peak_rss_parent_bytes"]
+    for split in meta["splits"]:
+        names = sorted(p.name for p in (dataset / split).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "d" / split).iterdir())
+        for name in names:
+            a, b = pq.read_table(dataset / split / name), pq.read_table(tmp_path / "d" / split / name)
+            assert a.equals(b), (split, name)
+    files = [Path(e["file"]).name for e in events if e["event"] == "file" and e["done"]]
+    assert sorted(files) == sorted(meta["items"])
+    assert sorted(e["split"] for e in events if e["event"] == "split") == sorted(meta["splits"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
 @pytest.mark.parametrize("k", [2, 3, 5, 7])
@@ -237,22 +264,83 @@ def test_strat_rank_gives_balanced_folds(sim, k):
     assert totals.max() - totals.min() <= 0.1 * totals.mean()  # labels stagger their remainders
 
 
-def test_face_arrays_respect_slices_and_chunks(sim):
-    dataset = sim[2]
+def _modality_arrays(t, dims: dict) -> dict:
+    """modality -> (feat (n, dim) float16, offsets (rows + 1,)) through the schema helpers."""
+    audio, present = schema.audio_arrays(t, dims["audio"])
+    out = {"face": schema.face_arrays(t), "head": schema.head_arrays(t, dims["head"]),
+           "body": schema.body_arrays(t, dims["body"])}
+    out = {m: (a.feat, a.offsets) for m, a in out.items()}
+    out["audio"] = (audio, np.arange(t.num_rows + 1))
+    out["audio_present"] = (present, None)
+    return out
+
+
+def test_blob_accessors_respect_slices_and_chunks(sim):
+    dataset, meta = sim[2], sim[3]
     t = pq.read_table(dataset / "val")
-    whole = schema.face_arrays(t)
-    o = whole.offsets
-    for part in (t.slice(5, 20), pa.concat_tables([t.slice(3, 4), t.slice(7, 9)]),
-                 t.slice(5, 20).to_batches()[0]):
-        fa = schema.face_arrays(part)
-        first = 5 if part.num_rows == 20 else 3
-        assert fa.offsets[0] == 0 and len(fa.offsets) == part.num_rows + 1
-        expected = whole.feat[o[first]:o[first + 4]]
-        assert np.array_equal(bits(fa.feat[: fa.offsets[4]]), bits(expected))
-        assert np.array_equal(fa.det[: fa.offsets[4]], whole.det[o[first]:o[first + 4]])
-    assert not whole.feat.flags.writeable  # a view of the Arrow buffer, not a copy
+    whole = _modality_arrays(t, meta["dims"])
+    # slices, a two-chunk table, a sliced record batch: rows 5..24, 3..6 + 7..15, 5..24
+    for part, first in ((t.slice(5, 20), 5), (pa.concat_tables([t.slice(3, 4), t.slice(7, 9)]), 3),
+                        (t.slice(5, 20).to_batches()[0], 5)):
+        assert part.num_rows == 20 or part.column("face_feat").num_chunks == 2
+        got = _modality_arrays(part, meta["dims"])
+        for m, (feat, offsets) in got.items():
+            if offsets is None:  # audio presence flags
+                assert np.array_equal(feat, whole[m][0][first:first + part.num_rows]), m
+                continue
+            o = whole[m][1]
+            assert offsets[0] == 0 and len(offsets) == part.num_rows + 1, m
+            expected = whole[m][0][o[first]:o[first + part.num_rows]]
+            assert len(expected) > 0, m
+            assert np.array_equal(bits(feat), bits(expected)), m
+    fa = schema.face_arrays(t.slice(5, 20))
+    assert np.array_equal(fa.det, schema.face_arrays(t).det[whole["face"][1][5]:whole["face"][1][25]])
+    for m in ("face", "head", "body"):
+        assert whole[m][0].dtype == np.float16 and whole[m][0].shape[1] == meta["dims"][m]
+        assert not whole[m][0].flags.writeable  # a view of the Arrow buffer, not a copy
     ht = schema.head_arrays(t.slice(0, 0), 512)
     assert ht.feat.shape == (0, 512) and ht.offsets.tolist() == [0]
+
+
+def test_blob_lengths_are_checked_naming_the_column(sim):
+    t = pq.read_table(sim[2] / "val").slice(0, 10)
+    head = t["head_feat"].to_pylist()
+    i = next(k for k, b in enumerate(head) if b)
+    head[i] = head[i][:-2]  # one half short
+    bad = t.set_column(t.schema.get_field_index("head_feat"), "head_feat",
+                       pa.array(head, pa.large_binary()))
+    with pytest.raises(ValueError, match=f"head_feat: row {i} \\(clip {t['clip'][i]}\\)"):
+        schema.head_arrays(bad, sim[3]["dims"]["head"])
+    with pytest.raises(ValueError, match="head_feat"):
+        schema.head_arrays(bad)  # inferred dim: the total is no longer whole rows
+    audio = t["audio_feat"].to_pylist()
+    audio[0] = b"\0\0" * 3
+    bad = t.set_column(t.schema.get_field_index("audio_feat"), "audio_feat",
+                       pa.array(audio, pa.large_binary()))
+    with pytest.raises(ValueError, match="audio_feat: row 0"):
+        schema.audio_arrays(bad, sim[3]["dims"]["audio"])
+
+
+def test_format_1_datasets_are_refused(tmp_path):
+    release = make_release(tmp_path / "r")
+    out = tmp_path / "d"
+    meta = prepare_release(release, out)
+    (out / schema.META_FILE).write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(schema.DatasetFormatError, match="format version 1.*re-run "
+                       "jobs/prepare.py .*--force"):
+        rdata.read_meta(out)
+    with pytest.raises(schema.DatasetFormatError, match="re-run jobs/prepare.py"):
+        rdata.split_paths(out, ["val"])
+    with pytest.raises(DatasetExistsError, match="format version 1.*--force"):
+        prepare_release(release, out)
+    assert prepare_release(release, out, force=True)["version"] == schema.FORMAT_VERSION
+    assert rdata.read_meta(out)["version"] == schema.FORMAT_VERSION
+    # a v1 column read directly (jobs/serve.py, benches): list<float16> features
+    t = pq.read_table(out / "val")
+    v1 = t.set_column(t.schema.get_field_index("face_feat"), "face_feat",
+                      pa.array([[]] * t.num_rows, pa.list_(pa.float16())))
+    with pytest.raises(schema.DatasetFormatError, match="face_feat is list<.*format-1.*--force"):
+        schema.face_arrays(v1)
 
 
 # --- hand-made releases: layout variants -------------------------------------------------
@@ -323,25 +411,27 @@ def assert_nothing_written(tmp_path: Path, out: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_clip_fails_naming_file_and_clip(tmp_path, case):
+def test_bad_clip_fails_naming_file_and_clip(tmp_path, case, workers):
     kwargs, file, bad_clip, field = BAD[case]
     make_release(tmp_path / "r", **kwargs)
     with pytest.raises(BadClipError) as e:
-        prepare_release(tmp_path / "r", tmp_path / "d")
+        prepare_release(tmp_path / "r", tmp_path / "d", workers=workers)
     assert Path(e.value.file).name == file and e.value.clip == bad_clip and e.value.field == field
     assert file in str(e.value) and bad_clip in str(e.value)
     assert_nothing_written(tmp_path, tmp_path / "d")
 
 
-def test_skip_counts_and_reports_bad_clips(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_skip_counts_and_reports_bad_clips(tmp_path, workers):
     values, extra = {}, ""
     for kwargs, *_ in BAD.values():
         for key, v in kwargs.get("values", {}).items():
             values[key] = v
         extra += kwargs.get("train_gt_extra", "")
     release = make_release(tmp_path / "r", values=values, train_gt_extra=extra)
-    meta = prepare_release(release, tmp_path / "d", on_bad_clip="skip")
+    meta = prepare_release(release, tmp_path / "d", on_bad_clip="skip", workers=workers)
     expected = {c for _, _, c, _ in BAD.values()}
     assert meta["skipped"]["count"] == 4 and meta["on_bad_clip"] == "skip"
     assert {s["clip"] for s in meta["skipped"]["first"]} == expected
@@ -369,15 +459,40 @@ class _Payload:
         return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
 
 
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, workers):
     make_release(tmp_path / "r")
     marker = tmp_path / "pwned"
     with open(tmp_path / "r" / "head_val.pickle", "wb") as f:
         pickle.dump({clip("val", 0).encode(): _Payload(marker)}, f, protocol=2)
     with pytest.raises(UnsafePickleError, match="head_val.pickle") as e:
-        prepare_release(tmp_path / "r", tmp_path / "d", on_bad_clip="skip")
-    assert "exec" in str(e.value)
+        prepare_release(tmp_path / "r", tmp_path / "d", on_bad_clip="skip", workers=workers)
+    assert "exec" in str(e.value) and "exec" in e.value.global_name and e.value.offset > 0
     assert not marker.exists()
+    assert_nothing_written(tmp_path, tmp_path / "d")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_truncated_pickle_fails_naming_file_and_offset(tmp_path, workers):
+    make_release(tmp_path / "r")
+    path = tmp_path / "r" / "body_train.pickle"
+    path.write_bytes(path.read_bytes()[:-300])
+    with pytest.raises(PickleFormatError, match="body_train.pickle: byte ") as e:
+        prepare_release(tmp_path / "r", tmp_path / "d", on_bad_clip="skip", workers=workers)
+    assert e.value.path == str(path) and e.value.offset > 0
+    assert_nothing_written(tmp_path, tmp_path / "d")
+
+
+def test_feature_dims_must_agree_across_files(tmp_path):
+    rng = np.random.default_rng(1)
+    release = make_release(tmp_path / "r")
+    items = [(clip("val", i).encode(), [[b"1", [0, 0, 2, 2], 0.9,
+                                         rng.standard_normal(32).astype(np.float16)]])
+             for i in range(SIZES["val"])]
+    write_dict(release / "head_val.pickle", items)  # 32 values; train and test have 16
+    with pytest.raises(FeatureDimError, match="head features have 16 values in .*head_"
+                       r"\w+.pickle but 32 in .*head_val.pickle"):
+        prepare_release(release, tmp_path / "d", on_bad_clip="skip")
     assert_nothing_written(tmp_path, tmp_path / "d")
 
 
