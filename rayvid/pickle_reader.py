@@ -126,6 +126,9 @@ class _Walker:
         self.saw_put = False  # explicit PUT ids seen (text PUT; BINPUT is tracked in run)
         self.top = None  # the top-level dict (stream): never filled
         self.error_at = (0, 0)  # (base, opos) of the opcode that raised
+        # Stand-ins (Global, Pending) pushed and not yet consumed by REDUCE/NEWOBJ/BUILD:
+        # a cheap upper bound; only when it is non-zero is a yielded value searched for one.
+        self.loose = 0
 
     # --- buffer ---------------------------------------------------------------------------
 
@@ -184,7 +187,9 @@ class _Walker:
             raise Bad(f"memo entry {k} was never stored") from None
         if self.refs is not None and self.refs.get(k) == offset:
             del self.memo[k]  # its last fetch in the file
-        if v.__class__ is Pending:
+        if v.__class__ is Global:
+            self.loose += 1
+        elif v.__class__ is Pending:
             raise Bad(f"memo entry {k} is fetched before its BUILD (not supported)")
         return v
 
@@ -225,11 +230,13 @@ class _Walker:
             if module.__class__ is not str or name.__class__ is not str:
                 raise Bad("STACK_GLOBAL needs two str")
             stack[-1] = resolve_global(module, name)
+            self.loose += 1
         elif op == 0x81:  # NEWOBJ
             args = stack.pop()
             if stack[-1].__class__ is not Global:
                 raise Unsafe(type(stack[-1]).__name__, "NEWOBJ of a non-global object")
             stack[-1] = stack[-1].newobj(args)
+            self.loose -= 1
         elif op == 100 or op == 108 or op == 0x91:  # DICT, LIST, FROZENSET (from a MARK)
             items = self.pop_mark()
             if op == 108:
@@ -279,6 +286,7 @@ class _Walker:
         (line, *second), pos = self.lines(pos, 2 if op in b"ci" else 1)
         if op == 99 or op == 105:  # GLOBAL, INST
             g = resolve_global(line.decode("utf-8"), second[0].decode("utf-8"))
+            self.loose += 1
             if op == 105:
                 raise Unsafe(g.qualname, "INST is not supported")
             self.stack.append(g)
@@ -399,7 +407,8 @@ class _Walker:
                     if memo.get(k) is RECONSTRUCT and (m := PY2_ARRAY(buf, pos)) is not None:
                         end = self.py2_array(m, base, pos)
                         if end:
-                            self.get(k, base + opos)
+                            self.get(k, base + opos)  # its liveness; consumed here
+                            self.loose -= 1
                             pos = end
                             continue
                     stack.append(self.get(k, base + opos))
@@ -424,13 +433,16 @@ class _Walker:
                     if fn.__class__ is not Global:
                         raise Unsafe(type(fn).__name__, "REDUCE of an object that is not an "
                                      "allowed global")
-                    stack[-1] = fn.reduce(args)
+                    v = stack[-1] = fn.reduce(args)
+                    # the callable is consumed, and _reconstruct's ndarray argument
+                    self.loose += (v.__class__ is Pending) - 1 - (fn is RECONSTRUCT)
                 elif op == 98:  # BUILD
                     state = stack.pop()
                     obj = stack[-1]
                     if obj.__class__ is not Pending:
                         raise Bad(f"BUILD of a {type(obj).__name__} is not supported")
                     v = stack[-1] = obj.finish(state)
+                    self.loose -= 1
                     for k in obj.ids:
                         memo[k] = v
                 elif op == 116:  # TUPLE
@@ -483,9 +495,12 @@ class _Walker:
                             k, v = items[i], items[i + 1]
                             items[i] = items[i + 1] = None  # the consumer may free values
                             hash(k)  # a dict key must be hashable, as in a real load
-                            _check_plain(v)
+                            if self.loose:
+                                _check_plain(k)
+                                _check_plain(v)
                             yield k, v
                         k = v = None
+                        self.loose = 0  # every stand-in pushed so far is in no value
                         self.after_batch(len(items) // 2)
                     else:
                         for i in range(0, len(items), 2):
@@ -499,7 +514,8 @@ class _Walker:
                 elif op == 46:  # STOP
                     if metastack or len(stack) != 1:
                         raise Bad("STOP with an open MARK or not exactly one object")
-                    _check_plain(stack[0])
+                    if self.loose:
+                        _check_plain(stack[0])
                     if not streaming:
                         yield None, stack[0]
                     elif stack[0] is not self.top:

@@ -465,3 +465,15 @@ def test_reference_scan_matches_pickletools(tmp_path, chunk):
     path = tmp_path / "py2.pickle"
     write_dict(path, items)
     assert pickle_scan.scan_references(path, chunk) == _last_fetches(path.read_bytes())
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80\x02}q\x00U\x01a]q\x01cnumpy\nndarray\nq\x02as.",  # a bare global in the data
+    b"\x80\x02}q\x00U\x01a]q\x01cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+    b"K\x00\x85U\x01b\x87Ras.",  # an array whose BUILD never comes
+])
+def test_stand_ins_never_reach_the_caller(tmp_path, data):
+    path = _write(tmp_path, data)
+    for read in (lambda p: list(iter_dict_items(p)), load):
+        with pytest.raises(PickleFormatError, match="itself, not a value built from it"):
+            read(path)
