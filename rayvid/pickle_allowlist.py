@@ -5,15 +5,15 @@ resolves here to an inert `Global` stand-in, or raises `Unsafe` for any name off
 ``REDUCE``/``NEWOBJ`` on a stand-in run the handler below for that name, with its
 arguments checked first:
 
-| global | rebuilt as |
-|---|---|
-| ``numpy.core.multiarray._reconstruct`` (also ``numpy._core``) + ``BUILD`` | a plain ndarray from (shape, dtype, fortran, raw bytes), a writable copy, bit-exact |
-| ``numpy.dtype`` + ``BUILD`` | a numeric or byte/unicode dtype (no object, datetime, structured) |
-| ``numpy.core.multiarray.scalar`` | a numpy scalar from (dtype, raw bytes) |
-| ``numpy.core.numeric._frombuffer`` | numpy's protocol-5 array form |
-| ``_codecs.encode`` | ``bytes`` from ``(str, 'latin1')``: how Python 3 writes bytes below protocol 3 |
-| ``copy_reg._reconstructor`` / ``copyreg`` | a builtin container subclass' plain base |
-| ``__builtin__``/``builtins`` list, tuple, set, frozenset, dict, bytes, bytearray, object | the builtin itself, from a container argument only (``bytes(10**12)`` is refused) |
+- ``numpy.core.multiarray._reconstruct`` (or ``numpy._core``) + ``BUILD``: a plain ndarray
+  from (shape, dtype, fortran, raw bytes), a writable bit-exact copy, sizes checked first;
+- ``numpy.dtype`` + ``BUILD``: numeric and byte/unicode dtypes (no object, datetime,
+  structured); ``numpy.core.multiarray.scalar``: a numpy scalar from (dtype, raw bytes);
+- ``numpy.core.numeric._frombuffer``: numpy's protocol-5 array form;
+- ``_codecs.encode``: ``bytes`` from ``(str, 'latin1')``, how Python 3 writes bytes below
+  protocol 3; ``copy_reg._reconstructor``/``copyreg``: a builtin container subclass' base;
+- ``__builtin__``/``builtins`` list, tuple, set, frozenset, dict, bytes, bytearray, object:
+  the builtin itself, from a container argument only (``bytes(10**12)`` is refused).
 
 Anything else, e.g. ``posix.system``, is refused with its name, before any later opcode runs.
 """

@@ -405,10 +405,8 @@ class _Walker:
                         k = U4(buf, pos)[0]
                         pos += 4
                     if memo.get(k) is RECONSTRUCT and (m := PY2_ARRAY(buf, pos)) is not None:
-                        end = self.py2_array(m, base, pos)
+                        end = self.py2_array(m, base, opos)
                         if end:
-                            self.get(k, base + opos)  # its liveness; consumed here
-                            self.loose -= 1
                             pos = end
                             continue
                     stack.append(self.get(k, base + opos))
@@ -538,27 +536,48 @@ class _Walker:
             self.error_at = (base, opos)
             raise
 
-    def py2_array(self, m, base: int, pos: int) -> int:
-        """Push the array a PY2_ARRAY match describes; -> the next opcode's pos, or 0 when
-        the match does not check out (then the opcodes run one by one)."""
-        nd, q1, r4, k1, m2, dt, u1, t4 = m.groups()
-        memo, refs, buf = self.memo, self.refs, self.buf
+    def array_of(self, m) -> tuple[np.ndarray, int] | None:
+        """(array, pos after its BUILD) for a PY2_ARRAY match, or None when the match does not
+        check out (then the opcodes run one by one). No side effects."""
+        nd, _, _, k1, m2, dt, u1, t4 = m.groups()
+        memo, buf = self.memo, self.buf
         dtype, count = memo.get(dt[0]), k1[0] if k1 is not None else U2(m2)[0]
         start = m.end()
         end = start + (u1[0] if u1 is not None else I4(t4)[0])
         if not (memo.get(nd[0]) is NDARRAY and isinstance(dtype, np.dtype)
                 and end - start == count * dtype.itemsize and end + 2 <= len(buf)
                 and buf[end] == 116 and buf[end + 1] == 98):  # TUPLE BUILD
+            return None
+        return np.frombuffer(buf, dtype, count, start).copy(), end + 2
+
+    def commit_array(self, m, arr: np.ndarray, base: int, get_pos: int) -> None:
+        """The memo effects of the 17 opcodes a PY2_ARRAY match stands for: the fetches of
+        _reconstruct (at ``get_pos``), ndarray and the dtype, and the array's BINPUT."""
+        memo, refs = self.memo, self.refs
+        if refs is not None:
+            recon = self.buf_id(get_pos)
+            if refs.get(recon) == base + get_pos:
+                del memo[recon]
+            nd, dt = m[1][0], m[6][0]
+            if refs.get(nd) == base + m.start(1) - 1:
+                del memo[nd]
+            if refs.get(dt) == base + m.start(6) - 1:
+                del memo[dt]
+        self.put(m[2][0] if m[2] is not None else U4(m[3])[0], arr)
+
+    def buf_id(self, pos: int) -> int:
+        """The memo id of the BINGET/LONG_BINGET at ``pos``."""
+        return self.buf[pos + 1] if self.buf[pos] == 104 else U4(self.buf, pos + 1)[0]
+
+    def py2_array(self, m, base: int, get_pos: int) -> int:
+        """Push the array of a PY2_ARRAY match after the BINGET of _reconstruct at ``get_pos``;
+        -> the next opcode's pos, or 0 to run the opcodes one by one."""
+        built = self.array_of(m)
+        if built is None:
             return 0
-        arr = np.frombuffer(buf, dtype, count, start).copy()
-        if refs is not None:  # the match's own fetches of ndarray and dtype
-            if refs.get(nd[0]) == base + pos:
-                del memo[nd[0]]
-            if refs.get(dt[0]) == base + m.start(6) - 1:
-                del memo[dt[0]]
-        self.put(q1[0] if q1 is not None else U4(r4)[0], arr)
-        self.stack.append(arr)
-        return end + 2
+        self.commit_array(m, built[0], base, get_pos)
+        self.stack.append(built[0])
+        return built[1]
 
 
 _LEAVES = frozenset((bytes, str, int, float, bool, type(None), complex, bytearray, np.ndarray))

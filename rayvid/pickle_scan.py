@@ -41,9 +41,9 @@ _VARIABLE = {op: kind for op, kind in ARGS.items() if isinstance(kind, tuple)}
 _LONG_BINGET, _GET, _STOP = 106, 103, 46
 # A run of opcodes that fetch nothing and carry at most 8 argument bytes or a short string:
 # one regex match (C speed) skips what would be a dozen trips round the loop.
+_SHORT_STRINGS = b"|".join(re.escape(bytes([k])) + b".{%d}" % k for k in range(32))
 _RUN = re.compile(b"(?:[](}N)ealbstuR\\x85\\x86\\x87\\x88\\x89\\x94]|[qK\\x80].|M..|[rJ].{4}|G.{8}|"
-                  b"[UC\\x8c](?:" + b"|".join(re.escape(bytes([k])) + b".{%d}" % k for k in range(32))
-                  + b"))+", re.S).match
+                  b"[UC\\x8c](?:" + _SHORT_STRINGS + b"))+", re.S).match
 
 
 def fill(read, buf: bytes, pos: int, need: int, size: int) -> tuple[bytes, bool]:
