@@ -29,13 +29,11 @@ import pyarrow.parquet as pq
 
 from rayvid import bucketing
 from rayvid.clip_values import BadClipError, clip_name, parse_audio, parse_detections
-from rayvid.pickle_reader import PickleFormatError, UnsafePickleError, iter_dict_items
+from rayvid.pickle_reader import iter_dict_items
 from rayvid.schema import COUNT_COLUMN, DATASET_SCHEMA, MODALITIES
-from rayvid.task_pool import TaskContext, register_exception
+from rayvid.task_pool import TaskContext
 
 # The reader's errors take (path, offset, ...) in __init__; carry them across processes.
-register_exception(PickleFormatError)
-register_exception(UnsafePickleError)
 
 ROW_GROUP_CLIPS = 1024
 ROW_GROUP_BYTES = 16 * bucketing.MiB  # the Parquet writer needs a few times a row group

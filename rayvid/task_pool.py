@@ -14,15 +14,13 @@ starts a `ProcessPoolExecutor` with the "spawn" context: workers are direct chil
 peak RSS reaches `RUSAGE_CHILDREN` once they are joined) and inherit no state of the parent.
 The first exception of any task is re-raised in the caller as the same exception type (the
 worker's traceback chained as its cause); the other tasks are cancelled and every worker
-has exited before it propagates. Exceptions whose `__init__` takes other arguments than
-their `args` do not survive pickling by default: `register_exception(cls)` makes one carry
-its `args` and attributes; an exception that still cannot make the trip arrives as
-`WorkerError` with the original type, message and traceback in its text.
+has exited before it propagates. rayvid's own errors define `__reduce__` so that they make
+the trip; an exception that cannot arrives as `WorkerError` with the original type,
+message and traceback in its text.
 """
 
 from __future__ import annotations
 
-import copyreg
 import multiprocessing
 import pickle
 import queue
@@ -52,22 +50,6 @@ class TaskContext:
     def check_cancelled(self) -> None:
         if self._is_cancelled():
             raise Cancelled("another task failed")
-
-
-def _rebuild_exception(cls: type, args: tuple, state: dict) -> BaseException:
-    e = cls.__new__(cls, *args)
-    e.args = args
-    e.__dict__.update(state)
-    return e
-
-
-def _reduce_exception(e: BaseException):
-    return _rebuild_exception, (type(e), e.args, dict(e.__dict__))
-
-
-def register_exception(cls: type) -> None:
-    """Pickle instances of exactly `cls` as (args, attributes), bypassing its `__init__`."""
-    copyreg.pickle(cls, _reduce_exception)
 
 
 def _transportable(e: BaseException) -> BaseException:

@@ -10,7 +10,7 @@ import pytest
 
 from rayvid.pickle_reader import PickleFormatError, UnsafePickleError
 from rayvid.release import BadClipError
-from rayvid.task_pool import Cancelled, TaskPool, WorkerError, register_exception
+from rayvid.task_pool import Cancelled, TaskPool, WorkerError
 
 
 class _Odd(Exception):
@@ -62,8 +62,6 @@ def test_an_exception_that_cannot_be_pickled_arrives_described():
 
 
 def test_reader_errors_pickle_as_themselves():
-    register_exception(PickleFormatError)  # as rayvid.prepare_tasks does
-    register_exception(UnsafePickleError)
     for e in (PickleFormatError("/r/x.pickle", 12, "truncated"),
               UnsafePickleError("/r/x.pickle", 7, "os.system", "not allowed"),
               BadClipError("/r/x.pickle", "C", "face", "bad")):
