@@ -136,7 +136,16 @@ def _finish_array(state) -> np.ndarray:
     if len(state) == 5:
         state = state[1:]  # (version, shape, dtype, is_fortran, rawdata)
     shape, dtype, fortran, raw = state
-    return make_array(raw, dtype, shape, bool(fortran))
+    return native_order(make_array(raw, dtype, shape, bool(fortran)))
+
+
+def native_order(arr: np.ndarray) -> np.ndarray:
+    """What numpy's ``ndarray.__setstate__`` does with non-native data (the ``_reconstruct``
+    form of protocols 0-4 and Python 2): the same values, byteswapped to native order.
+    numpy's protocol-5 form (``_frombuffer``) keeps the order as written, and so does rayvid."""
+    if arr.dtype.isnative:
+        return arr
+    return arr.astype(arr.dtype.newbyteorder("="))
 
 
 def _reduce_frombuffer(args):  # numpy protocol 5: _frombuffer(buf, dtype, shape, order)

@@ -40,7 +40,7 @@ import numpy as np
 
 from rayvid import pickle_scan
 from rayvid.pickle_allowlist import NDARRAY, RECONSTRUCT, Bad, Global, Pending, Unsafe, \
-    resolve_global
+    native_order, resolve_global
 from rayvid.pickle_opcodes import I4, PY2_ARRAY, REFUSED, U2, U4, VAROPS, text_value
 
 __all__ = ["PickleFormatError", "ReleaseFormatError", "UnsafePickleError", "WalkStats",
@@ -187,8 +187,8 @@ class _Walker:
             raise Bad(f"memo entry {k} was never stored") from None
         if self.refs is not None and self.refs.get(k) == offset:
             del self.memo[k]  # its last fetch in the file
-        if v.__class__ is Global:
-            self.loose += 1
+        if v.__class__ is Global or v.__class__ in _CONTAINERS or v.__class__ is dict:
+            self.loose += 1  # a stand-in, or a container that may hold one
         elif v.__class__ is Pending:
             raise Bad(f"memo entry {k} is fetched before its BUILD (not supported)")
         return v
@@ -375,8 +375,9 @@ class _Walker:
                         k = U4(buf, pos)[0]
                         pos += 4
                     saw_put = True
+                    v = stack[-1]  # an empty stack is an error even if k is never fetched
                     if refs is None or k in refs:
-                        self.put(k, stack[-1])
+                        self.put(k, v)
                 elif op == 77:  # BININT2
                     stack.append(U2(buf, pos)[0])
                     pos += 2
@@ -548,7 +549,7 @@ class _Walker:
                 and end - start == count * dtype.itemsize and end + 2 <= len(buf)
                 and buf[end] == 116 and buf[end + 1] == 98):  # TUPLE BUILD
             return None
-        return np.frombuffer(buf, dtype, count, start).copy(), end + 2
+        return native_order(np.frombuffer(buf, dtype, count, start).copy()), end + 2
 
     def commit_array(self, m, arr: np.ndarray, base: int, get_pos: int) -> None:
         """The memo effects of the 17 opcodes a PY2_ARRAY match stands for: the fetches of
