@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayvid.config import load_config  # noqa: E402
-from rayvid.train_config import TrainJobConfig  # noqa: E402
+from rayvid.train.config import TrainJobConfig  # noqa: E402
 
 CE_ONLY = "loss.stages=[{start: 0.0, weights: {ce: 1.0}}]"
 # name -> (label, overrides). Single fold 0 unless the overrides choose the folds.
@@ -46,7 +46,7 @@ ROWS = {
 
 
 def run_row(name: str, overrides: list[str], args, work: Path) -> dict:
-    from rayvid.run import run_training
+    from rayvid.train.job import run_training
 
     run_dir = work / name
     sets = [f"data.dataset={args.dataset}", "folds.run=[0]", *overrides, *args.set]
@@ -69,7 +69,7 @@ def run_row(name: str, overrides: list[str], args, work: Path) -> dict:
 
 def mlp_only_map(run_dir: Path, args) -> float:
     """Val mAP of the run's MLP members without the prototype head."""
-    from rayvid.predict import predict_split
+    from rayvid.infer.predict import predict_split
 
     alt = run_dir / "mlp_only"
     result = alt / "result.json"
@@ -132,8 +132,8 @@ def main() -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if not args.dataset:
-        from rayvid.prepare import prepare_release
-        from rayvid.simulate import simulate_release
+        from rayvid.release.prepare import prepare_release
+        from rayvid.release.simulator import simulate_release
 
         release, dataset = work / "release", work / "dataset"
         if not (release / "val_gt.txt").exists():

@@ -6,7 +6,7 @@
 
 Writes (or takes) pickles, then reads each one in a fresh child process twice, in the same
 run: the baseline ``pickle.load(f, encoding="bytes")`` (benchmarks may run it on files they
-wrote themselves; rayvid never does) and ``rayvid.pickle_reader.iter_dict_items`` (reference
+wrote themselves; rayvid never does) and ``rayvid.release.pickle_reader.iter_dict_items`` (reference
 scan + walk, items dropped as they come, as prepare does). Prints faces (or items) per
 second of each, the ratio rayvid/stock, and the peak RSS of each child (VmHWM).
 The generated split has the release's shape: 60,566 clips, ~28 faces each with a 512-d
@@ -42,7 +42,7 @@ if how == "stock":
     items = len(obj)
     faces = sum(len(v) if isinstance(v, list) else 1 for v in obj.values())
 else:
-    from rayvid.pickle_reader import WalkStats, iter_dict_items
+    from rayvid.release.pickle_reader import WalkStats, iter_dict_items
     stats, items, faces = WalkStats(), 0, 0
     for _, v in iter_dict_items(path, stats=stats):
         items += 1

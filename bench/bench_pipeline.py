@@ -1,6 +1,6 @@
 """Benchmark: the Ray Data training pipeline against a bare loop of the same numpy code.
 
-Both read the same Parquet files and apply the same `rayvid.data.ClipTransform`
+Both read the same Parquet files and apply the same `rayvid.data.pipeline.ClipTransform`
 (fold filter -> gate -> drop empty -> qFDA) and hand out batches of 512 training samples:
 - bare: `pyarrow.parquet.ParquetFile.iter_batches` -> transform -> re-batch, one process;
 - ray:  `read_parquet -> map_batches(transform) -> iter_batches(512)`, streaming.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from rayvid import data as rdata  # noqa: E402
+from rayvid.data import pipeline as rdata  # noqa: E402
 
 BATCH = 512
 
@@ -63,8 +63,8 @@ def timed(fn, epochs: int) -> float:
 def dataset_dir(args) -> str:
     if args.dataset:
         return args.dataset
-    from rayvid.prepare import prepare_release
-    from rayvid.simulate import simulate_release
+    from rayvid.release.prepare import prepare_release
+    from rayvid.release.simulator import simulate_release
 
     tmp = Path(tempfile.mkdtemp(prefix="rayvid-bench-"))
     simulate_release(tmp / "release", args.ids, seed=0)

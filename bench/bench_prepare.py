@@ -30,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rayvid.release import Release  # noqa: E402
-from rayvid.schema import META_FILE  # noqa: E402
+from rayvid.release.layout import Release  # noqa: E402
+from rayvid.release.schema import META_FILE  # noqa: E402
 
 MiB = 1 << 20
 
@@ -81,7 +81,7 @@ def prepare(release: Path, out: Path, workers: str, bucket_mib: int) -> dict:
 
 
 def simulate(out: Path, ids: int, faces_per_clip: float | None) -> None:
-    from rayvid.simulate import simulate_release
+    from rayvid.release.simulator import simulate_release
 
     params = {} if faces_per_clip is None else {"faces_per_clip": faces_per_clip}
     try:  # OpenBLAS threads spinning on a busy small box slow the simulator ~50x

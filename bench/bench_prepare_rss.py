@@ -28,8 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rayvid.schema import META_FILE  # noqa: E402
-from rayvid.simulate import simulate_release  # noqa: E402
+from rayvid.release.schema import META_FILE  # noqa: E402
+from rayvid.release.simulator import simulate_release  # noqa: E402
 
 MiB = 1 << 20
 

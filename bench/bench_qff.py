@@ -1,4 +1,4 @@
-"""Benchmark: vectorised qFF (rayvid.fusion.qff) against a per-clip Python loop.
+"""Benchmark: vectorised qFF (rayvid.core.fusion.qff) against a per-clip Python loop.
 
 The baseline is the shape of the 4th place's inference code: for every clip, loop over its
 face items (as the pickle gives them: [frame, bbox, det, quality, feat]), weight each face
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from rayvid import fusion  # noqa: E402
+from rayvid.core import fusion  # noqa: E402
 
 
 def band(q: float) -> float:

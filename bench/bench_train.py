@@ -2,7 +2,7 @@
 
 - ceiling: the same model (M5), batch, optimizer and loss in a tight loop over one tensor
   already on the device (no data loading at all), in this process;
-- rayvid: `rayvid.kfold.train_fold` on fold 0 of a prepared dataset (Ray Data reads the
+- rayvid: `rayvid.train.kfold.train_fold` on fold 0 of a prepared dataset (Ray Data reads the
   Parquet files and draws qFDA fresh every epoch; Ray Train runs the loop with DDP), with
   the training-phase samples/s each epoch reports, and the fit() overhead: the wall time
   of `fit()` minus the time the workers spent in training epochs.
@@ -29,9 +29,9 @@ import torch  # noqa: E402
 
 from bench_pipeline import dataset_dir  # noqa: E402  (simulate + prepare when no --dataset)
 from rayvid.config import load_config  # noqa: E402
-from rayvid.models import build_model  # noqa: E402
-from rayvid.train_config import TrainJobConfig  # noqa: E402
-from rayvid.training import build_criterion, model_kwargs  # noqa: E402
+from rayvid.model.architectures import build_model  # noqa: E402
+from rayvid.train.config import TrainJobConfig  # noqa: E402
+from rayvid.train.worker import build_criterion, model_kwargs  # noqa: E402
 
 
 def ceiling(cfg: TrainJobConfig, num_classes: int, steps: int, device: str) -> float:
@@ -78,7 +78,7 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], help="extra config override")
     args = p.parse_args()
     ds = dataset_dir(args)
-    from rayvid.data import read_meta
+    from rayvid.data.pipeline import read_meta
 
     num_classes = read_meta(ds)["num_classes"]
     cfg = load_config(TrainJobConfig, None, [
@@ -93,7 +93,7 @@ def main() -> int:
 
     import ray
 
-    from rayvid.kfold import train_fold
+    from rayvid.train.kfold import train_fold
 
     ray.init(num_cpus=args.num_cpus, logging_level="WARNING")
     with tempfile.TemporaryDirectory(prefix="rayvid-bench-train-") as run:

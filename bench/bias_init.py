@@ -8,12 +8,13 @@
 """
 import os, sys, time, numpy as np, torch, pyarrow.parquet as pq, glob
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rayvid import fusion, schema
-from rayvid.models import build_model
-from rayvid.losses import MixedLoss, LossSchedule
-from rayvid.schedules import LRSchedule, apply
-from rayvid.metrics import map_from_scores
-from rayvid.baseline import _unit
+from rayvid.core import fusion
+from rayvid.release import schema
+from rayvid.model.architectures import build_model
+from rayvid.model.losses import MixedLoss, LossSchedule
+from rayvid.model.schedules import LRSchedule, apply
+from rayvid.core.metrics import map_from_scores
+from rayvid.train.baseline import _unit
 torch.set_num_threads(1)
 kw = dict(a.split("=") for a in sys.argv[2:])
 ds = sys.argv[1]; steps = int(kw.get("steps", 300)); lr = float(kw.get("lr", 1.5e-4))

@@ -1,4 +1,4 @@
-"""Load and fault benchmark of the Serve app (rayvid.serving) over HTTP on 127.0.0.1.
+"""Load and fault benchmark of the Serve app (rayvid.infer.app) over HTTP on 127.0.0.1.
 
     python bench/serve_load.py --run runs/rayvid                  # starts the app itself
     python bench/serve_load.py --run runs/rayvid --replicas 1 --encoding b64
@@ -33,7 +33,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rayvid import fusion, predict, schema  # noqa: E402
+from rayvid.core import fusion  # noqa: E402
+from rayvid.infer import predict  # noqa: E402
+from rayvid.release import schema  # noqa: E402
 
 
 def load_clips(run: Path, n: int) -> list[dict]:
@@ -72,8 +74,8 @@ def in_process(run: Path, clips: list[dict], batch: int, seconds: float,
     scores, answers (clips/s incl. JSON decode)."""
     import torch
 
-    from rayvid.ensemble import Ensemble
-    from rayvid.serving_api import BatchRequest, answers, clip_arrays
+    from rayvid.model.ensemble import Ensemble
+    from rayvid.infer.api import BatchRequest, answers, clip_arrays
 
     torch.set_num_threads(1)  # as in a replica (Ray sets OMP_NUM_THREADS=1): one core
     ens, weighting = Ensemble.from_run(run), predict.read_run(run).weighting
@@ -217,7 +219,7 @@ def start_app(run: Path, replicas: int | None, num_cpus: int, per_deployment: in
     import ray
     import yaml
 
-    from rayvid.serving import deploy_config, serve_config
+    from rayvid.infer.app import deploy_config, serve_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""Score a submission with the official iQIYI-VID-2019 mAP (`rayvid.metrics`).
+"""Score a submission with the official iQIYI-VID-2019 mAP (`rayvid.core.metrics`).
 
     python jobs/evaluate.py --gt val_gt.txt --submission submission.txt [--per-id-csv ap.csv]
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from rayvid import metrics  # noqa: E402
+from rayvid.core import metrics  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 

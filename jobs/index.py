@@ -1,10 +1,10 @@
-"""Build or update the person-search index that `GET /search` reads (`rayvid.index`).
+"""Build or update the person-search index that `GET /search` reads (`rayvid.infer.person_index`).
 
     python jobs/index.py --run runs/rayvid --dataset runs/rayvid/dataset --split test --out index/
     python jobs/index.py --run runs/rayvid --dataset data/new-clips --split test --out index/ --update
 
 Ray Data batch inference over a prepared split with the run's ensemble (qFF, the
-`rayvid.predict` scorer); keeps each identity's top `--k` clips with scores and frame
+`rayvid.infer.predict` scorer); keeps each identity's top `--k` clips with scores and frame
 ranges. `--update` scores only the new split and merges it into the stored top-k. Also
 calibrates the run's "unknown" threshold into RUN/serving.json when it has none (or with
 `--calibrate`) from the val split of `--calibration-dataset` (default RUN/dataset).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from rayvid import index, predict  # noqa: E402
+from rayvid.infer import person_index as index, predict  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Batch prediction: a split of a prepared dataset -> the official submission (`rayvid.predict`).
+"""Batch prediction: a split of a prepared dataset -> the official submission (`rayvid.infer.predict`).
 
     python jobs/predict.py --run runs/exp1 --dataset data/iqiyi-ds --split test \
         --out out/submission.txt [--per-clip out/test_top5.parquet] [--gt val_gt.txt]
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from rayvid import predict  # noqa: E402
+from rayvid.infer import predict  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

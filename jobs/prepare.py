@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
 
-from rayvid.prepare import (DatasetExistsError, children_peak_rss_bytes,  # noqa: E402
+from rayvid.release.prepare import (DatasetExistsError, children_peak_rss_bytes,  # noqa: E402
                             default_workers, peak_rss_bytes, prepare_release)
-from rayvid.schema import DatasetFormatError  # noqa: E402
-from rayvid.pickle_reader import ReleaseFormatError  # noqa: E402
+from rayvid.release.schema import DatasetFormatError  # noqa: E402
+from rayvid.release.pickle_reader import ReleaseFormatError  # noqa: E402
 
 log = logging.getLogger("prepare")
 MiB = 1 << 20
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.smoke_test:
-        from rayvid.simulate import simulate_release
+        from rayvid.release.simulator import simulate_release
 
         tmp = tempfile.mkdtemp(prefix="rayvid-prepare-smoke-")
         args.release, args.out = f"{tmp}/release", args.out or f"{tmp}/dataset"

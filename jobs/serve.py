@@ -1,4 +1,4 @@
-"""Serve a run folder over HTTP on 127.0.0.1 until interrupted (`rayvid.serving`).
+"""Serve a run folder over HTTP on 127.0.0.1 until interrupted (`rayvid.infer.app`).
 
     python jobs/serve.py                                   # runs/rayvid (jobs/train.py's default)
     python jobs/serve.py --run runs/exp1 --index index/ --port 8000
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
 
-from rayvid import index, predict  # noqa: E402
+from rayvid.infer import person_index as index, predict  # noqa: E402
 
 
 def example_clip(run: Path) -> dict:
@@ -35,7 +35,8 @@ def example_clip(run: Path) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from rayvid import fusion, schema
+    from rayvid.core import fusion
+    from rayvid.release import schema
 
     weighting = predict.read_run(run).weighting
     for split in ("val", "test"):
@@ -86,7 +87,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from rayvid.serving import deploy_config, serve_config
+    from rayvid.infer.app import deploy_config, serve_config
 
     # Serve's replicas and its app builder import rayvid from this checkout too.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

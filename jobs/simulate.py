@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayvid.simulate import SimParams, simulate_release  # noqa: E402
+from rayvid.release.simulator import SimParams, simulate_release  # noqa: E402
 
 log = logging.getLogger("simulate")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayvid.config import ConfigError, load_config, to_dict  # noqa: E402
-from rayvid.train_config import TrainJobConfig  # noqa: E402
+from rayvid.train.config import TrainJobConfig  # noqa: E402
 
 SMOKE = ["data.simulate_ids=30", "data.simulate_faces_per_clip=6", "folds.k=2", "folds.run=[0]",
          "optim.min_steps=30", "optim.passes=1", "optim.batch_size=128", "train.epochs=2",
@@ -43,9 +43,9 @@ def main() -> int:
     run_dir = Path(args.out or Path("runs") / (cfg.name + ("-smoke" if args.smoke_test else "")))
 
     import ray
-    from rayvid.pickle_reader import ReleaseFormatError
-    from rayvid.report import summary_lines
-    from rayvid.run import run_training
+    from rayvid.release.pickle_reader import ReleaseFormatError
+    from rayvid.train.report import summary_lines
+    from rayvid.train.job import run_training
 
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rayvid.config import ConfigError, to_dict  # noqa: E402
-from rayvid.search_space import load_tune_config  # noqa: E402
+from rayvid.tune.config import load_tune_config  # noqa: E402
 
 # The train job's smoke run (jobs/train.py SMOKE) as the base, and a 3-trial sweep.
 SMOKE = ["base.data.simulate_ids=30", "base.data.simulate_faces_per_clip=6", "base.folds.k=2",
@@ -76,8 +76,8 @@ def main() -> int:
     out = Path(args.out or Path("runs") / (cfg.name + ("-smoke" if args.smoke_test else "")))
 
     import ray
-    from rayvid.search import run_sweep
-    from rayvid.search_report import summary_lines
+    from rayvid.tune.sweep import run_sweep
+    from rayvid.tune.report import summary_lines
 
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     address = os.environ.get("RAY_ADDRESS")

@@ -61,7 +61,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def sim_release(tmp_path_factory):
     """A small simulated release in the official layout (40 identities, short clips)."""
-    from rayvid.simulate import simulate_release
+    from rayvid.release.simulator import simulate_release
 
     out = tmp_path_factory.mktemp("release")
     simulate_release(out, 40, seed=7, faces_per_clip=6)
@@ -71,7 +71,7 @@ def sim_release(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sim_dataset(sim_release, tmp_path_factory):
     """`sim_release` prepared into the Parquet layout."""
-    from rayvid.prepare import prepare_release
+    from rayvid.release.prepare import prepare_release
 
     out = tmp_path_factory.mktemp("prepared") / "dataset"
     prepare_release(sim_release, out)

@@ -1,4 +1,4 @@
-"""Unit tests of rayvid.checkpoints (directory round trips) and rayvid.ensemble (sigmoid blend)."""
+"""Unit tests of rayvid.model.checkpoints (directory round trips) and rayvid.model.ensemble (sigmoid blend)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rayvid.checkpoints import (
+from rayvid.model.checkpoints import (
     CONFIG_FILE, JOB_CONFIG_FILE, MODEL_FILE, load_model, read_job_config, save_checkpoint,
 )
-from rayvid.ensemble import Ensemble
-from rayvid.models import build_model
+from rayvid.model.ensemble import Ensemble
+from rayvid.model.architectures import build_model
 
 C = 7
 D = 16

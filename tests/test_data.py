@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rayvid import data as rdata
-from rayvid import fusion, schema
+from rayvid.data import pipeline as rdata
+from rayvid.core import fusion
+from rayvid.release import schema
 
 
 def _table(dataset, split):

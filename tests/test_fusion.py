@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from rayvid import fusion
-from rayvid.fusion import Weighting, offsets_from_counts
+from rayvid.core import fusion
+from rayvid.core.fusion import Weighting, offsets_from_counts
 
 
 def _batch(rng, counts, dim=8, dtype=np.float16):

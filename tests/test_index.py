@@ -1,4 +1,4 @@
-"""Tests of rayvid.index: the numpy core (top-k merge, threshold calibration), then the
+"""Tests of rayvid.infer.person_index: the numpy core (top-k merge, threshold calibration), then the
 person-search index built and updated with Ray Data on a simulated dataset, against a
 brute-force in-process computation (every score, full sorts).
 
@@ -18,14 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rayvid import fusion, schema
-from rayvid.checkpoints import save_checkpoint
-from rayvid.data import read_meta
-from rayvid.ensemble import Ensemble
-from rayvid.index import (INDEX_SCHEMA, SearchIndexError, build_index, calibrate, load_index,
+from rayvid.core import fusion
+from rayvid.release import schema
+from rayvid.model.checkpoints import save_checkpoint
+from rayvid.data.pipeline import read_meta
+from rayvid.model.ensemble import Ensemble
+from rayvid.infer.person_index import (INDEX_SCHEMA, SearchIndexError, build_index, calibrate, load_index,
                           merge_top_k, read_index_table, read_serving, threshold_for,
                           update_index)
-from rayvid.models import build_model
+from rayvid.model.architectures import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTING = {"kind": "bands", "cuts": [0.0, 20.0, 30.0, 40.0],

@@ -1,4 +1,4 @@
-"""Unit tests of rayvid.losses: focal, CE, UIR, the combined margin, mixes and stages."""
+"""Unit tests of rayvid.model.losses: focal, CE, UIR, the combined margin, mixes and stages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rayvid.losses import (
+from rayvid.model.losses import (
     COMBINE, DEFAULT_STAGES, FOURTH_PLACE_STAGES, LOSSES, START, LossSchedule, MarginLoss, MixedLoss, build_loss,
 )
 

@@ -1,4 +1,4 @@
-"""Unit tests of rayvid.metrics (the official mAP) and jobs/evaluate.py."""
+"""Unit tests of rayvid.core.metrics (the official mAP) and jobs/evaluate.py."""
 
 import subprocess
 import sys
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from rayvid import metrics
-from rayvid.metrics import (
+from rayvid.core import metrics
+from rayvid.core.metrics import (
     GroundTruthError,
     SubmissionError,
     average_precision,
@@ -24,7 +24,7 @@ from rayvid.metrics import (
     score_identities,
     unpack_rank_keys,
 )
-from rayvid.submission import write_submission
+from rayvid.core.submission import write_submission
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Unit tests of rayvid.models: the 4th-place MLPs, the 3rd-place face-set model, multimodal."""
+"""Unit tests of rayvid.model.architectures: the 4th-place MLPs, the 3rd-place face-set model, multimodal."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from rayvid.models import MODELS, build_from_config, build_model
+from rayvid.model.architectures import MODELS, build_from_config, build_model
 
 C = 11
 

@@ -37,8 +37,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rayvid.pickle_reader import iter_dict_items, load
-from rayvid.py2_writer import write_dict
+from rayvid.release.pickle_reader import iter_dict_items, load
+from rayvid.release.py2_writer import write_dict
 
 # --- the data ------------------------------------------------------------------------------
 

@@ -41,8 +41,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rayvid.pickle_reader import PickleFormatError, UnsafePickleError, iter_dict_items, load
-from rayvid.py2_writer import write_dict
+from rayvid.release.pickle_reader import PickleFormatError, UnsafePickleError, iter_dict_items, load
+from rayvid.release.py2_writer import write_dict
 
 CASE_BUDGET_S = 5.0  # a case reads a ~5 KB file twice: milliseconds; 5 s means a hang
 # A changed length prefix must not make the reader allocate what the file cannot hold:

@@ -1,4 +1,4 @@
-"""Tests of rayvid.pickle_reader (the restricted streaming reader) and rayvid.py2_writer.
+"""Tests of rayvid.release.pickle_reader (the restricted streaming reader) and rayvid.release.py2_writer.
 
 Run: pytest tests/test_pickle_reader.py  (a few seconds, no Ray).
 ``pickle.dumps`` creates test inputs; ``pickle.loads`` is only used as an oracle on
@@ -16,10 +16,10 @@ import weakref
 import numpy as np
 import pytest
 
-from rayvid import pickle_scan
-from rayvid.pickle_reader import (PickleFormatError, ReleaseFormatError, UnsafePickleError,
+from rayvid.release import pickle_scan
+from rayvid.release.pickle_reader import (PickleFormatError, ReleaseFormatError, UnsafePickleError,
                                   WalkStats, iter_dict_items, load)
-from rayvid.py2_writer import write_dict
+from rayvid.release.py2_writer import write_dict
 
 # What python 2.7 cPickle protocol 2 + numpy 1.x writes for
 # {'IQIYI_VID_TRAIN_0000001': [['5', [10, 20, 300, 400], 0.5, 33.25,
@@ -429,7 +429,7 @@ def test_reading_imports_nothing_and_never_uses_the_stock_unpickler(tmp_path):
     code = f"""
 import sys, warnings
 warnings.simplefilter("error")
-from rayvid.pickle_reader import iter_dict_items, load
+from rayvid.release.pickle_reader import iter_dict_items, load
 events = []
 sys.addaudithook(lambda e, a: events.append(e) if e in ("pickle.find_class", "import") else None)
 for name in ("py2.pickle", "py3.pickle"):

@@ -1,4 +1,4 @@
-"""Tests of rayvid.predict and jobs/predict.py: the numpy core, then batch prediction on a
+"""Tests of rayvid.infer.predict and jobs/predict.py: the numpy core, then batch prediction on a
 real local Ray against a brute-force in-memory computation (all scores, full sorts).
 
     pytest tests/test_predict.py            # ~40 s, most of it Ray and actor start-up
@@ -17,15 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rayvid import fusion, metrics, schema
-from rayvid.checkpoints import save_checkpoint
+from rayvid.core import fusion, metrics
+from rayvid.release import schema
+from rayvid.model.checkpoints import save_checkpoint
 from rayvid.config import from_dict
-from rayvid.ensemble import Ensemble
-from rayvid.models import build_model
-from rayvid.predict import (PredictError, batch_candidates, find_gt, predict_split, read_run,
+from rayvid.model.ensemble import Ensemble
+from rayvid.model.architectures import build_model
+from rayvid.infer.predict import (PredictError, batch_candidates, find_gt, predict_split, read_run,
                             top_classes)
-from rayvid.submission import TopKPerIdentity
-from rayvid.train_config import FusionSection
+from rayvid.core.submission import TopKPerIdentity
+from rayvid.train.config import FusionSection
 
 ROOT = Path(__file__).resolve().parents[1]
 C = 12  # classes: 0 = other, identities 1..11

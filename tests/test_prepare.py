@@ -1,7 +1,7 @@
-"""Release -> Parquet dataset (rayvid.prepare, rayvid.bucketing, rayvid.schema, jobs/prepare.py).
+"""Release -> Parquet dataset (rayvid.release.prepare, rayvid.release.bucketing, rayvid.release.schema, jobs/prepare.py).
 
 The round trip compares every value of the dataset with the pickles as the streaming reader
-returns them, and every label with `rayvid.metrics`' independent gt parser.
+returns them, and every label with `rayvid.core.metrics`' independent gt parser.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayvid import schema
-from rayvid.metrics import read_gt, read_train_gt
-from rayvid import data as rdata
-from rayvid.prepare import DatasetExistsError, FeatureDimError, prepare_release, read_meta
-from rayvid.pickle_reader import PickleFormatError, UnsafePickleError, iter_dict_items
-from rayvid.py2_writer import write_dict
-from rayvid.release import BadClipError, GtFormatError, Release
+from rayvid.release import schema
+from rayvid.core.metrics import read_gt, read_train_gt
+from rayvid.data import pipeline as rdata
+from rayvid.release.prepare import DatasetExistsError, FeatureDimError, prepare_release, read_meta
+from rayvid.release.pickle_reader import PickleFormatError, UnsafePickleError, iter_dict_items
+from rayvid.release.py2_writer import write_dict
+from rayvid.release.layout import BadClipError, GtFormatError, Release
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"face": 512, "head": 16, "body": 8, "audio": 12}
@@ -188,7 +188,7 @@ def sim(request, tmp_path_factory):
     if ids == 40:
         release = request.getfixturevalue("sim_release")
     else:
-        from rayvid.simulate import simulate_release
+        from rayvid.release.simulator import simulate_release
 
         release = root / "release"
         try:  # OpenBLAS threads spinning on a busy 2-core box make the simulator ~50x slower

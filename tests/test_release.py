@@ -1,4 +1,4 @@
-"""Release discovery, gt parsing and per-clip validation (rayvid.release, rayvid.clip_values).
+"""Release discovery, gt parsing and per-clip validation (rayvid.release.layout, rayvid.release.clip_values).
 
 Fast unit tests on hand-made values; the end-to-end conversion is in test_prepare.py.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rayvid.pickle_reader import ReleaseFormatError
-from rayvid.release import (BadClipError, GtFormatError, MissingFilesError, Release, clip_name,
+from rayvid.release.pickle_reader import ReleaseFormatError
+from rayvid.release.layout import (BadClipError, GtFormatError, MissingFilesError, Release, clip_name,
                             parse_audio, parse_detections, parse_train_gt, parse_val_gt)
 
 OFFICIAL = [

@@ -1,11 +1,11 @@
-"""Unit tests of rayvid.schedules: warm-up, step decay and cosine in fractions of the run."""
+"""Unit tests of rayvid.model.schedules: warm-up, step decay and cosine in fractions of the run."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rayvid.schedules import DEFAULT_LR, FOURTH_PLACE_LR, LRSchedule, apply
+from rayvid.model.schedules import DEFAULT_LR, FOURTH_PLACE_LR, LRSchedule, apply
 
 
 def test_linear_warmup_then_base() -> None:

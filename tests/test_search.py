@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 
 from rayvid.config import ConfigError, load_config, to_dict, with_values
-from rayvid.search_space import (DEFAULT_SPACE, Distribution, TuneJobConfig, decode_params,
+from rayvid.tune.config import (DEFAULT_SPACE, Distribution, TuneJobConfig, decode_params,
                                  defaults_point, fourth_place_config, load_tune_config,
                                  trial_config)
-from rayvid.train_config import TrainJobConfig
+from rayvid.train.config import TrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_cli_config_error_exits_2(tmp_path):
 
 
 def test_short_error_reports_the_root_cause_not_rays_wrappers():
-    from rayvid.search import _short_error
+    from rayvid.tune.sweep import _short_error
 
     worker = RuntimeError("ray.exceptions.RayTaskError(UserCodeException): ray::MapBatches()\n"
                           "    raise ValueError(...)\n"
@@ -126,7 +126,7 @@ def test_results_table_tells_finished_stopped_failed_and_interrupted_trials(tmp_
     ASHA's stops, an error = ERROR, anything else was cut short by an interruption."""
     from types import SimpleNamespace
 
-    from rayvid.search import STOPPED_FILE, fold_result, results_table
+    from rayvid.tune.sweep import STOPPED_FILE, fold_result, results_table
 
     cfg = TuneJobConfig(space={"optim.lr": {"loguniform": [1e-4, 1e-3]}})
     curve = pd.DataFrame({"epoch": [1, 2], "fold_map": [0.2, 0.3]})
@@ -160,8 +160,8 @@ def test_smoke_sweep_records_failing_trials_writes_outputs_and_resumes(ray_local
     (1, 3, 5) raises in the trial's Ray Data pipeline inside the Train worker, "many" fails
     the trial's config; both are ERROR rows and the other trials finish. One sweep, as
     each trial costs tens of seconds of fixed overhead on 2 cores."""
-    from rayvid.search import run_sweep
-    from rayvid.search_report import summary_lines
+    from rayvid.tune.sweep import run_sweep
+    from rayvid.tune.report import summary_lines
 
     cfg = load_tune_config(None, _smoke_overrides() + SHARED + [
         "search.num_samples=1", "base.train.max_failures=0",

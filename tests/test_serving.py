@@ -1,7 +1,7 @@
-"""Tests of the Serve application over real HTTP on 127.0.0.1 (rayvid.serving).
+"""Tests of the Serve application over real HTTP on 127.0.0.1 (rayvid.infer.app).
 
 One app per module on the session's local Ray: a run folder of two random M5 members, a
-search index built with `rayvid.index.build_index` on the simulated dataset's test split.
+search index built with `rayvid.infer.person_index.build_index` on the simulated dataset's test split.
 Answers are checked against the same clips scored in-process (qFF + `Ensemble.scores`);
 every bad input must get a 4xx with a message and leave the replicas alive.
 
@@ -21,12 +21,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rayvid import fusion, schema
-from rayvid.checkpoints import save_checkpoint
-from rayvid.data import read_meta
-from rayvid.ensemble import Ensemble
-from rayvid.models import build_model
-from rayvid.serving_api import MAX_BODY_BYTES, MAX_CLIPS_PER_BATCH, MAX_FACES_PER_CLIP
+from rayvid.core import fusion
+from rayvid.release import schema
+from rayvid.model.checkpoints import save_checkpoint
+from rayvid.data.pipeline import read_meta
+from rayvid.model.ensemble import Ensemble
+from rayvid.model.architectures import build_model
+from rayvid.infer.api import MAX_BODY_BYTES, MAX_CLIPS_PER_BATCH, MAX_FACES_PER_CLIP
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +65,8 @@ def served(ray_local, sim_dataset, tmp_path_factory):
     import yaml
     from ray import serve
 
-    from rayvid.index import build_index
-    from rayvid.serving import deploy_config, serve_config
+    from rayvid.infer.person_index import build_index
+    from rayvid.infer.app import deploy_config, serve_config
 
     root = tmp_path_factory.mktemp("serving")
     run = _make_run(root, read_meta(sim_dataset)["num_classes"])
@@ -284,7 +285,7 @@ def test_one_deployment_per_checkpoint_scores_the_same(served, clips):
 
 
 def test_member_groups_and_blend():
-    from rayvid.serving import blend, member_groups
+    from rayvid.infer.app import blend, member_groups
 
     assert member_groups(6, 0) == [[0, 1, 2, 3, 4, 5]]
     assert member_groups(5, 2) == [[0, 1], [2, 3], [4]]

@@ -1,10 +1,10 @@
-"""Unit tests of rayvid.submission: the submission writer and the running top-k."""
+"""Unit tests of rayvid.core.submission: the submission writer and the running top-k."""
 
 import numpy as np
 import pytest
 
-from rayvid.metrics import read_submission
-from rayvid.submission import TopKPerIdentity, write_submission
+from rayvid.core.metrics import read_submission
+from rayvid.core.submission import TopKPerIdentity, write_submission
 
 
 def _brute_topk(clip_index: np.ndarray, scores: np.ndarray, k: int) -> dict[int, list]:

@@ -1,4 +1,4 @@
-"""rayvid.task_pool: tasks in this process or in spawned workers, first error wins."""
+"""rayvid.release.task_pool: tasks in this process or in spawned workers, first error wins."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from rayvid.pickle_reader import PickleFormatError, UnsafePickleError
-from rayvid.release import BadClipError
-from rayvid.task_pool import Cancelled, TaskPool, WorkerError
+from rayvid.release.pickle_reader import PickleFormatError, UnsafePickleError
+from rayvid.release.layout import BadClipError
+from rayvid.release.task_pool import Cancelled, TaskPool, WorkerError
 
 
 class _Odd(Exception):
@@ -70,7 +70,7 @@ def test_reader_errors_pickle_as_themselves():
 
 
 def test_cancelled_is_raised_by_check_cancelled():
-    from rayvid.task_pool import TaskContext
+    from rayvid.release.task_pool import TaskContext
 
     with pytest.raises(Cancelled):
         TaskContext(print, lambda: True).check_cancelled()

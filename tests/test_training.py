@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from rayvid.config import load_config
-from rayvid.train_config import TrainJobConfig
-from rayvid.training import plan_fold
+from rayvid.train.config import TrainJobConfig
+from rayvid.train.worker import plan_fold
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["folds.k=2", "optim.batch_size=64", "optim.min_steps=24", "optim.passes=1",
@@ -41,8 +41,8 @@ def test_plan_spreads_the_size_invariant_total_over_epochs(tmp_path):
 @pytest.mark.slow
 def test_train_fold_checkpoints_reports_fold_map_and_skips_when_done(ray_local, sim_dataset,
                                                                      tmp_path):
-    from rayvid.checkpoints import load_model
-    from rayvid.kfold import train_fold
+    from rayvid.model.checkpoints import load_model
+    from rayvid.train.kfold import train_fold
 
     result = train_fold(_cfg(), sim_dataset, tmp_path, fold=1, arch="M5")
     assert [h["epoch"] for h in result["history"]] == [1, 2]
@@ -90,7 +90,7 @@ def _worker_pids():
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, sim_dataset, tmp_path):
     """SIGKILL the Train worker after its first checkpoint: the run restarts from it
     (FailureConfig), loses at most the epoch in flight, and finishes all epochs."""
-    from rayvid.kfold import train_fold
+    from rayvid.train.kfold import train_fold
 
     cfg = _cfg("train.epochs=4", "optim.min_steps=1600", "train.max_failures=2")
     box = {}

@@ -1,0 +1,369 @@
+"""Ray Serve application: identify people in clips, search an index of clips by person.
+
+    app = build_app("runs/exp1", index_dir="index/")        # or, from a Serve config file:
+    serve.run(app)                                          #   import_path: rayvid.infer.app:app_builder
+
+Deployments, composed through handles (design.md; Ray's model-composition pattern):
+
+- `member-<g>` (`EnsembleMember`), each holding a group of the checkpoints of
+  `RUN/ensemble.json` (all of them by default: `members_per_deployment=0`; 1 = one
+  deployment per checkpoint): fused clip vectors (n, 512) float32 + the group's weights ->
+  the weighted sum of its members' sigmoid scores (n, C), `@serve.batch`ed across requests.
+- `IdentifyIngress`: FastAPI + pydantic (`rayvid.infer.api`). It flattens the request's
+  faces, fuses them with `rayvid.core.fusion.qff` and the run's weighting (the one fusion
+  implementation training and batch prediction use), `@serve.batch`es concurrent
+  requests into one call per member deployment, adds the groups' weighted sums and
+  divides by the total weight (weighted mean of sigmoids, in [0, 1]), and answers the
+  top-k identities, or "unknown" when the best score is below the threshold or no face
+  is usable (qFF ok=False).
+
+`user_config` of the ingress (`ServingConfig`: unknown_threshold, weights, top_k, index)
+and of a member (`MemberConfig`: its batch size and wait) is applied in `reconfigure`.
+Replicas keep running when the app is deployed from a Serve config file (configs/
+serve.yaml through `serve deploy`, `serve run` or `deploy_config`) and only a
+`user_config` changes; Ray 2.60 gives every Python-API `serve.run` a fresh code version,
+which replaces the replicas. Defaults: threshold from `RUN/serving.json` (`rayvid.infer.person_index.
+calibrate`, else 0.5), weights from `ensemble.json`. `/search` reloads the index when its
+manifest changes (`rayvid.infer.person_index.update_index`). Request features are cast to float16, the
+precision of the prepared dataset, so a served clip scores exactly as in batch prediction.
+Endpoints: POST /identify, POST /identify/batch, GET /search?id=N&k=100, GET /healthz,
+GET /docs and /openapi.json.
+"""
+
+import asyncio
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from rayvid.core import fusion
+from rayvid.infer import person_index as index, predict
+from rayvid.model.ensemble import ENSEMBLE_FILE
+from rayvid.infer.api import (
+    MAX_BODY_BYTES, MAX_SEARCH_K, AppArgs, BatchRequest, BatchResponse, Clip, Health,
+    IdentifyRequest, IdentifyResponse, MemberConfig, SearchResponse, ServingConfig, answers,
+    clip_arrays,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+DEFAULT_THRESHOLD = 0.5  # used only when the run has no serving.json
+_RETRIES = 3  # member calls retried after a replica died (Serve routes to a live one)
+
+# ------------------------------------------------------------------ numpy core
+
+
+def blend(group_sums: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Groups' weighted sums of (n, C) sigmoid scores -> their weighted mean, (n, C) float32
+    in [0, 1]; `weights` are all the members' weights (the divisor)."""
+    total = np.array(group_sums[0], dtype=np.float32, copy=True)
+    for s in group_sums[1:]:
+        total += s
+    return total / np.float32(sum(weights))
+
+
+def member_groups(n_members: int, per_deployment: int) -> list[list[int]]:
+    """Member indices per member deployment: 0 = all in one, k = consecutive groups of k."""
+    size = per_deployment or n_members
+    return [list(range(lo, min(lo + size, n_members))) for lo in range(0, n_members, size)]
+
+
+# ------------------------------------------------------------------ deployments
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2,
+                                      "target_ongoing_requests": 8})
+class EnsembleMember:
+    """A group of checkpoint directories: (n, 512) float32 fused clips and one weight per
+    checkpoint -> (n, C) weighted sum of their sigmoid scores (`Ensemble.scores`)."""
+
+    def __init__(self, checkpoints: list[str]) -> None:
+        from rayvid.model.ensemble import Ensemble  # torch is imported in the replica only
+
+        self.model = Ensemble.from_dirs(checkpoints)  # sum of w * sigmoid(scale * logits)
+        if self.model.input_kind != "clip_vector":
+            raise ValueError(f"{checkpoints}: serving takes clip-vector models (M1-M5), "
+                             f"not {self.model.input_kind!r}")
+        self.checkpoints = checkpoints
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        cfg = MemberConfig.model_validate(config or {})
+        self.score.set_max_batch_size(cfg.max_batch_size)
+        self.score.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def score(self, xs: list[np.ndarray], weights: list[tuple[float, ...]]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(xs)
+        for w in dict.fromkeys(weights):  # one forward pass per weight vector (normally one)
+            idx = [i for i, wi in enumerate(weights) if wi == w]
+            scores = self.model.scores(np.concatenate([xs[i] for i in idx]), weights=w)
+            for i, part in zip(idx, np.split(scores, np.cumsum([len(xs[i]) for i in idx])[:-1])):
+                out[i] = part
+        return out
+
+
+api = FastAPI(title="rayvid", max_body_size=MAX_BODY_BYTES, version="1",
+              description="Identify the person in a video clip from its faces (iQIYI-VID "
+                          "features); search clips by person. " + __doc__.split("\n\n")[0])
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with a one-line message and the errors, without echoing 512-number inputs."""
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"])
+    return JSONResponse(status_code=422, content={"detail": f"{where or 'body'}: {first['msg']}",
+                                                  "errors": errors[:20]})
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body of a model that `_parse` validates (see `_openapi`)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+_fastapi_openapi = api.openapi
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus the request models `_body` refers to."""
+    if api.openapi_schema is None:
+        schemas = _fastapi_openapi().setdefault("components", {}).setdefault("schemas", {})
+        for model in (IdentifyRequest, BatchRequest):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}), **{model.__name__: schema})
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    """Validate the raw body with pydantic's JSON parser: ~2.5x less CPU than FastAPI's
+    json.loads + validation on 512-number features. NaN/Infinity tokens parse and then
+    fail the finite-number rule; errors become FastAPI's 422 (see `_validation_error`)."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
+
+
+def _json(answer: dict[str, Any]) -> Response:
+    """`answers` output (plain str/int/float/bool/None, the response model's fields) as
+    JSON, without FastAPI re-validating it through the response model (~10x the CPU)."""
+    return Response(json.dumps(answer, separators=(",", ":")).encode(), media_type="application/json")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2,
+                                      "target_ongoing_requests": 64})
+@serve.ingress(api)
+class IdentifyIngress:
+    """The HTTP API; fuses faces, fans out to the members, blends, thresholds, searches."""
+
+    def __init__(self, run_dir: str, members: list[DeploymentHandle],
+                 groups: list[list[int]], index_dir: str | None = None) -> None:
+        self.spec = predict.read_run(run_dir)
+        self.members, self.groups = members, groups  # handle g scores checkpoints groups[g]
+        self.n_members = sum(len(g) for g in groups)
+        serving = index.read_serving(run_dir) or {}
+        self.defaults = {"unknown_threshold": serving.get("unknown_threshold", DEFAULT_THRESHOLD),
+                         "weights": index.ensemble_weights(run_dir), "top_k": DEFAULT_TOP_K,
+                         "index": index_dir}
+        self.threshold_source = "serving.json" if serving else "default"
+        self.index_dir: str | None = None
+        self.index: "index.SearchIndex | None" = None
+        self.index_stamp: int | None = None
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        cfg = ServingConfig.model_validate(config or {})
+        given = cfg.model_dump(exclude_none=True)
+        merged = {**self.defaults, **given}
+        weights = merged["weights"]
+        if len(weights) != self.n_members or sum(weights) <= 0:
+            raise ValueError(f"weights must be {self.n_members} numbers >= 0 with a positive "
+                             f"sum, got {weights}")
+        self.threshold = float(merged["unknown_threshold"])
+        self.weights, self.top_k = [float(w) for w in weights], int(merged["top_k"])
+        if "unknown_threshold" in given:
+            self.threshold_source = "user_config"
+        if merged["index"] != self.index_dir:
+            self.index_dir, self.index, self.index_stamp = merged["index"], None, None
+            self._refresh_index()
+
+    def _refresh_index(self) -> None:
+        """(Re)load the index when its manifest changed; keep the old one while a new
+        version is being swapped in."""
+        if self.index_dir is None:
+            return
+        try:
+            stamp = os.stat(Path(self.index_dir) / index.MANIFEST_FILE).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if stamp != self.index_stamp:
+            try:
+                self.index, self.index_stamp = index.load_index(self.index_dir), stamp
+            except (OSError, index.SearchIndexError) as e:
+                log.warning("index %s not (re)loaded: %s", self.index_dir, e)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _scores(self, items: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Requests' flat faces -> per request (scores (n, C) float32, ok (n,) bool): one
+        qFF over all their faces and one call per member for all their clips."""
+        feat, det, quality, counts = (np.concatenate(parts) for parts in zip(*items))
+        x, ok = fusion.qff(feat, det, quality, fusion.offsets_from_counts(counts),
+                           self.spec.weighting)
+        weights = self.weights
+        used = [g for g, idx in enumerate(self.groups) if any(weights[i] > 0 for i in idx)]
+        parts = await asyncio.gather(*(
+            self._member(g, x, tuple(weights[i] for i in self.groups[g])) for g in used))
+        scores = blend(parts, weights)
+        cut = np.cumsum([len(it[3]) for it in items])[:-1]
+        return list(zip(np.split(scores, cut), np.split(ok, cut)))
+
+    async def _member(self, g: int, x: np.ndarray, weights: tuple[float, ...]) -> np.ndarray:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        for attempt in range(_RETRIES):
+            try:
+                return await self.members[g].score.remote(x, weights)
+            except (RayActorError, ActorUnavailableError) as e:
+                if attempt == _RETRIES - 1:
+                    raise
+                log.warning("member-%d replica failed (%s); retrying", g, type(e).__name__)
+                await asyncio.sleep(0.05 * (attempt + 1))
+
+    async def _identify(self, clips: Sequence[Clip], top_k: int | None) -> list[dict[str, Any]]:
+        feat, det, quality, counts = clip_arrays(clips)
+        scores, ok = await self._scores((feat, det, quality, counts))
+        return answers(scores, ok, top_k or self.top_k, self.threshold, counts,
+                       [c.clip for c in clips])
+
+    @api.post("/identify", response_model=IdentifyResponse, openapi_extra=_body(IdentifyRequest))
+    async def identify(self, request: Request) -> Response:
+        """One clip's faces -> its top-k identities, or unknown."""
+        clip = await _parse(request, IdentifyRequest)
+        return _json((await self._identify([clip], clip.top_k))[0])
+
+    @api.post("/identify/batch", response_model=BatchResponse, openapi_extra=_body(BatchRequest))
+    async def identify_batch(self, request: Request) -> Response:
+        """Many clips -> one answer per clip, in order."""
+        batch = await _parse(request, BatchRequest)
+        return _json({"results": await self._identify(batch.clips, batch.top_k)})
+
+    @api.get("/search", response_model=SearchResponse)
+    async def search(self, id: int = Query(description="identity id, 1..num_classes-1"),
+                     k: int = Query(100, ge=1, le=MAX_SEARCH_K)) -> dict[str, Any]:
+        """The top-k clips of identity `id` in the index, best first, with frame ranges."""
+        self._refresh_index()
+        if self.index is None:
+            raise HTTPException(503, "no search index is loaded (start with --index / args.index)")
+        if not 1 <= id < self.index.num_classes:
+            raise HTTPException(404, f"unknown identity {id}: ids are 1..{self.index.num_classes - 1}")
+        return {"id": id, "hits": self.index.top(id, k),
+                "index_version": self.index.manifest["version"]}
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness and the settings in force."""
+        return {"status": "ok", "members": self.n_members, "member_deployments": len(self.groups),
+                "num_classes": self.spec.num_classes,
+                "unknown_threshold": self.threshold, "threshold_source": self.threshold_source,
+                "weights": self.weights, "top_k": self.top_k, "index": self.index_dir,
+                "index_version": self.index.manifest["version"] if self.index else None,
+                "replica": serve.get_replica_context().replica_id.unique_id}
+
+
+# ------------------------------------------------------------------ applications
+
+
+def build_app(run_dir: str | os.PathLike, index_dir: str | os.PathLike | None = None, *,
+              members: dict[str, Any] | None = None, ingress: dict[str, Any] | None = None,
+              members_per_deployment: int = 0):
+    """The Serve application of a run folder (and optionally a search index).
+
+    members / ingress: deployment options (autoscaling_config, max_ongoing_requests,
+    ray_actor_options, user_config, ...) for every member deployment / the ingress.
+    members_per_deployment: checkpoints per member deployment (0 = all in one).
+    Raises predict.PredictError for a missing or malformed run folder.
+    """
+    run_dir = Path(run_dir).resolve()
+    predict.read_run(run_dir)
+    entries = json.loads((run_dir / ENSEMBLE_FILE).read_text())["members"]
+    groups = member_groups(len(entries), members_per_deployment)
+    handles = [EnsembleMember.options(name=f"member-{g}", **(members or {}))
+               .bind([str(run_dir / entries[i]["path"]) for i in idx])
+               for g, idx in enumerate(groups)]
+    index_dir = str(Path(index_dir).resolve()) if index_dir else None
+    return IdentifyIngress.options(**(ingress or {})).bind(str(run_dir), handles, groups, index_dir)
+
+
+def app_builder(args: AppArgs):
+    """Application builder for `serve run` / `serve deploy` config files (see AppArgs)."""
+    return build_app(args.run, args.index, members=args.members, ingress=args.ingress,
+                     members_per_deployment=args.members_per_deployment)
+
+
+# ------------------------------------------------------------------ config-file deploys
+
+
+def serve_config(base: dict[str, Any], run_dir: str | os.PathLike,
+                 index_dir: str | os.PathLike | None = None, *, port: int | None = None,
+                 user_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Serve config (`serve deploy` schema; `base` is e.g. configs/serve.yaml loaded) for
+    this run: its first application's args get absolute run/index paths; `port` and the
+    ingress's `user_config` replace the base's when given."""
+    cfg = copy.deepcopy(base)
+    app = cfg["applications"][0]
+    app["args"] = {**app.get("args", {}), "run": str(Path(run_dir).resolve()),
+                   "index": str(Path(index_dir).resolve()) if index_dir else None}
+    if port is not None:
+        cfg.setdefault("http_options", {})["port"] = port
+    if user_config is not None:
+        deployments = app.setdefault("deployments", [])
+        entry = next((d for d in deployments if d["name"] == IdentifyIngress.name), None)
+        if entry is None:
+            deployments.append(entry := {"name": IdentifyIngress.name})
+        entry["user_config"] = user_config
+    return cfg
+
+
+def deploy_config(config: dict[str, Any], dashboard_url: str, timeout_s: float = 600.0) -> None:
+    """Deploy `config` as `serve deploy` does (the dashboard's REST API), then wait until
+    every application runs the new config. Only `user_config` changed: replicas are
+    reconfigured in place. Raises RuntimeError when a deploy fails or times out."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+    submitted = time.time()
+    ServeSubmissionClient(url).deploy_applications(config)
+    names = [a["name"] for a in config["applications"]]
+    while True:
+        apps = serve.status().applications
+        states = [apps.get(n) for n in names]
+        failed = [f"{n}: {a.message}" for n, a in zip(names, states) if a and a.status == "DEPLOY_FAILED"]
+        if failed:
+            raise RuntimeError("deploy failed: " + "; ".join(failed))
+        if all(a and a.status == "RUNNING" and a.last_deployed_time_s >= submitted - 1
+               and all(d.status == "HEALTHY" for d in a.deployments.values()) for a in states):
+            return
+        if time.time() - submitted > timeout_s:
+            raise RuntimeError(f"deploy timed out after {timeout_s:.0f} s: {states}")
+        time.sleep(0.5)

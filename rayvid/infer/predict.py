@@ -1,0 +1,342 @@
+"""Batch prediction: stream a split through qFF and the ensemble, write the submission.
+
+    summary = predict_split("runs/exp1", "data/iqiyi-ds", "test", "out/submission.txt",
+                            per_clip_path="out/test_top5.parquet")
+
+Ray Data reads the split, `rayvid.data.pipeline.ClipTransform(mode="qff")` fuses every clip's faces
+with the weighting recorded in the run's `ensemble.json`, and `EnsembleScorer` actors (one
+GPU each when the cluster has GPUs) score the clips with `rayvid.model.ensemble.Ensemble`. Per
+batch an actor returns, per clip, its top-k classes and its *candidates*: the (identity,
+score) pairs for which the clip is in the batch's own top-100 of that identity. No other
+clip of the batch can enter an identity's global top-100, so the driver only folds those
+into a running `TopKPerIdentity` and never holds an (n_clips, C) score matrix. Ranking is
+`rayvid.core.metrics.rank_keys` everywhere: float32 score descending, ties by the lower clip
+index, where the index is the clip's row in the per-clip Parquet (stream order).
+
+Job: `python jobs/predict.py --run RUN --dataset DATASET --split test --out SUBMISSION`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rayvid.data import pipeline as data
+from rayvid.release import schema
+from rayvid.model.checkpoints import read_model_config
+from rayvid.model.ensemble import ENSEMBLE_FILE, Ensemble
+from rayvid.core.fusion import Weighting
+from rayvid.core.metrics import (MAX_RANK, GroundTruthError, rank_keys, read_gt, score_files,
+                            top_keys, unpack_rank_keys)
+from rayvid.core.submission import TopKPerIdentity, write_submission
+
+log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 32 << 20  # working set of one chunk of uint64 rank keys in an actor
+_LIST_I32, _LIST_F32 = pa.list_(pa.int32()), pa.list_(pa.float32())
+PER_CLIP_SCHEMA = pa.schema([("clip", pa.string()), ("ok", pa.bool_()),
+                             ("top_ids", _LIST_I32), ("top_scores", _LIST_F32)])
+SCORED_SCHEMA = pa.schema(list(PER_CLIP_SCHEMA) + [("cand_ids", _LIST_I32),
+                                                   ("cand_scores", _LIST_F32)])
+
+
+class PredictError(ValueError):
+    """A missing or malformed input (run folder, ensemble.json, dataset, split, gt)."""
+
+
+# ------------------------------------------------------------------ numpy core
+
+
+def top_classes(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each clip's k best classes: scores (n, C) float32 -> ids (n, min(k, C)) int32 and
+    their scores (n, min(k, C)) float32, best first, ties by the lower class id."""
+    n, c = scores.shape
+    k = min(k, c)
+    ids, vals = np.empty((n, k), np.int32), np.empty((n, k), np.float32)
+    step = max(1, _CHUNK_BYTES // (24 * c))
+    for lo in range(0, n, step):
+        keys = top_keys(rank_keys(scores[lo:lo + step], np.arange(c)), k)
+        index, value = unpack_rank_keys(keys)
+        ids[lo:lo + step], vals[lo:lo + step] = index, value
+    return ids, vals
+
+
+def batch_candidates(scores: np.ndarray, k: int = MAX_RANK
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (row, identity, score) triples of a batch that can enter a global top-k.
+
+    For every identity column c >= 1, the rows in the batch's own top-k of c (float32 score
+    descending, ties by lower row, which is the global tie rule since rows keep their order
+    in the stream): a row outside it has k better rows in this batch alone.
+    scores: (n, C) float32. Returns rows (m,) int64 ascending, ids (m,) int32, scores
+    (m,) float32, with m = (C - 1) * min(k, n).
+    """
+    n, c = scores.shape
+    step = max(1, _CHUNK_BYTES // (24 * max(n, 1)))
+    parts = []
+    for lo in range(1, c, step):
+        hi = min(lo + step, c)
+        keys = top_keys(rank_keys(scores[:, lo:hi].T, np.arange(n)), k, sort=False)
+        rows, vals = unpack_rank_keys(keys)  # (hi - lo, min(k, n)) each
+        ids = np.broadcast_to(np.arange(lo, hi, dtype=np.int32)[:, None], rows.shape)
+        parts.append((rows.ravel(), ids.ravel(), vals.ravel()))
+    rows, ids, vals = (np.concatenate(p) for p in zip(*parts))
+    order = np.argsort(rows, kind="stable")
+    return rows[order], ids[order], vals[order]
+
+
+def _list_column(values: np.ndarray, counts: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+    offsets = schema.offsets_from_counts(counts).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.ravel()), type=type_)
+
+
+def score_table(clips: np.ndarray, ok: np.ndarray, scores: np.ndarray, top_k_clip: int,
+                top_k_identity: int) -> pa.Table:
+    """One scored batch as a `SCORED_SCHEMA` table (one row per clip).
+
+    clips: (n,) names; ok: (n,) bool; scores: (n, C) float32 ensemble scores.
+    """
+    n = len(clips)
+    ids, vals = top_classes(scores, top_k_clip)
+    rows, cand_ids, cand_scores = batch_candidates(scores, top_k_identity)
+    per_clip = np.full(n, ids.shape[1], np.int64)
+    cand_counts = np.bincount(rows, minlength=n)
+    return pa.Table.from_arrays([
+        pa.array(np.asarray(clips, dtype=object), pa.string()), pa.array(np.asarray(ok, bool)),
+        _list_column(ids, per_clip, _LIST_I32), _list_column(vals, per_clip, _LIST_F32),
+        _list_column(cand_ids, cand_counts, _LIST_I32),
+        _list_column(cand_scores, cand_counts, _LIST_F32)], schema=SCORED_SCHEMA)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What prediction needs from a run folder's `ensemble.json`."""
+
+    run_dir: Path
+    num_classes: int
+    members: int
+    weighting: Weighting
+
+
+def read_run(run_dir: str | os.PathLike) -> RunSpec:
+    """Check `run_dir/ensemble.json` and its members' configs without loading weights."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PredictError(f"run folder {run_dir} does not exist")
+    if not (run_dir / ENSEMBLE_FILE).is_file():
+        raise PredictError(f"run {run_dir} has no {ENSEMBLE_FILE} (is training finished?)")
+    try:
+        spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
+        paths = [run_dir / m["path"] for m in spec["members"]]
+        classes = {int(read_model_config(p)["num_classes"]) for p in paths}
+        declared = spec.get("num_classes")
+    except FileNotFoundError as e:
+        raise PredictError(f"run {run_dir}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PredictError(f"run {run_dir}: malformed {ENSEMBLE_FILE}: "
+                           f"{type(e).__name__}: {e}") from None
+    if len(classes) != 1 or declared not in (None, *classes):
+        raise PredictError(f"run {run_dir}: {ENSEMBLE_FILE} needs >= 1 member, all with the "
+                           f"same num_classes (members: {sorted(classes)}, file: {declared})")
+    return RunSpec(run_dir, classes.pop(), len(paths), _weighting(run_dir, spec))
+
+
+def _weighting(run_dir: Path, spec: dict) -> Weighting:
+    """The qFF weighting the members were trained for, default `Weighting()`."""
+    if spec.get("weighting") is None:
+        log.warning("run %s: %s records no weighting; using the default", run_dir, ENSEMBLE_FILE)
+        return Weighting()
+    try:
+        return Weighting.from_dict(spec["weighting"])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise PredictError(f"run {run_dir}: {ENSEMBLE_FILE}: {e}") from None
+
+
+def check_split(dataset_dir: str | os.PathLike, split: str) -> dict[str, Any]:
+    """The dataset's meta, after checking that `split` exists and has Parquet files."""
+    if not Path(dataset_dir).is_dir():
+        raise PredictError(f"dataset {dataset_dir} does not exist")
+    try:
+        meta = data.read_meta(dataset_dir)
+        paths = data.split_paths(dataset_dir, [split])
+    except (FileNotFoundError, ValueError) as e:
+        raise PredictError(str(e)) from None
+    if split not in meta.get("splits", {}) or not paths:
+        raise PredictError(f"dataset {dataset_dir} has no split {split!r} "
+                           f"(it has: {', '.join(meta.get('splits', {})) or 'none'})")
+    return meta
+
+
+def find_gt(meta: dict[str, Any], split: str, gt_path: str | os.PathLike | None) -> Path | None:
+    """The gt file to score against, checked: `gt_path`, else for split val the release's
+    `val_gt.txt` when it is still at the dataset meta's `source`."""
+    if gt_path is None and split == "val" and meta.get("source"):
+        from rayvid.release.layout import GT_FILES  # the official file names
+
+        found = Path(meta["source"]) / GT_FILES["val"]
+        gt_path = found if found.is_file() else None
+    if gt_path is None:
+        return None
+    try:
+        read_gt(gt_path)
+    except (OSError, GroundTruthError) as e:
+        raise PredictError(f"gt file {gt_path}: {e}") from None
+    return Path(gt_path)
+
+
+# ------------------------------------------------------------------ Ray adapter
+
+
+class EnsembleScorer:
+    """Ray Data actor UDF: loads the run's ensemble once, then scores batches of clips.
+
+    In: {"x": (n, 512) float32 qFF features, "ok": (n,) bool, "clip": (n,) str}.
+    Out: a `SCORED_SCHEMA` table (see `score_table`).
+    """
+
+    def __init__(self, run_dir: str, top_k_clip: int, top_k_identity: int, use_gpu: bool):
+        import torch
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if use_gpu and device == "cpu":
+            log.warning("EnsembleScorer got a GPU from Ray but torch sees no CUDA: using the CPU")
+        self.ensemble = Ensemble.from_run(run_dir, device=device)
+        self.top_k_clip, self.top_k_identity = top_k_clip, top_k_identity
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        scores = self.ensemble.scores(batch["x"])
+        return score_table(batch["clip"], batch["ok"], scores, self.top_k_clip,
+                           self.top_k_identity)
+
+
+def scored_dataset(spec: RunSpec, dataset_dir: str | os.PathLike, split: str, *,
+                   top_k_clip: int, top_k_identity: int, batch_size: int, num_actors: int,
+                   use_gpu: bool):
+    """The lazy Ray Dataset of scored clips, in dataset order (`SCORED_SCHEMA` blocks)."""
+    import ray.data
+
+    transform = data.ClipTransform(mode="qff", weighting=spec.weighting, with_clip=True)
+    ds = data.clip_dataset(dataset_dir, [split], transform, batch_size=batch_size)
+    ds = ds.map_batches(
+        EnsembleScorer, batch_format="numpy", batch_size=batch_size,
+        fn_constructor_args=(str(spec.run_dir), top_k_clip, top_k_identity, use_gpu),
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=1)
+    ds.context.execution_options.preserve_order = True  # deterministic clip index -> ties
+    return ds
+
+
+@contextlib.contextmanager
+def _atomic_parquet(path: str | os.PathLike | None, table_schema: pa.Schema
+                    ) -> Iterator[pq.ParquetWriter | None]:
+    """A ParquetWriter on a temp name in the target folder, renamed to `path` on success."""
+    if path is None:
+        yield None
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with pq.ParquetWriter(tmp, table_schema) as writer:
+            yield writer
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fold_stream(batches: Iterable[pa.Table], acc: TopKPerIdentity,
+                writer: pq.ParquetWriter | None, progress_s: float = 10.0
+                ) -> tuple[list[str], int]:
+    """Fold scored batches into `acc` (running clip index = arrival order) and write their
+    per-clip columns. Returns (clip names by index, clips with ok False)."""
+    names: list[str] = []
+    not_ok, t0 = 0, time.perf_counter()
+    last = t0
+    for table in batches:
+        n, base = table.num_rows, len(names)
+        names.extend(table.column("clip").to_pylist())
+        not_ok += n - int(pc.sum(table.column("ok")).as_py() or 0)
+        counts = pc.list_value_length(table.column("cand_ids")).to_numpy(zero_copy_only=False)
+        rows = np.repeat(np.arange(base, base + n, dtype=np.int64), counts)
+        acc.update_sparse(rows, schema.list_values(table, "cand_ids"),
+                      schema.list_values(table, "cand_scores"))
+        if writer is not None:
+            writer.write_table(table.select(PER_CLIP_SCHEMA.names))
+        if time.perf_counter() - last >= progress_s:
+            last = time.perf_counter()
+            log.info("predict: %d clips, %.0f clips/s", len(names), len(names) / (last - t0))
+    log.info("predict: %d clips done in %.1f s", len(names), time.perf_counter() - t0)
+    return names, not_ok
+
+
+def resources(use_gpu: bool | None, num_actors: int | None) -> tuple[bool, int]:
+    """(use_gpu, scoring actors) for batch inference on the current Ray cluster: GPU when
+    it has one (unless use_gpu says otherwise), one actor per GPU, else half the CPUs
+    (at most 4). Raises PredictError when use_gpu is asked for and there is no GPU."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 2)
+    if use_gpu is None:
+        use_gpu = gpus > 0
+    if use_gpu and gpus < 1:
+        raise PredictError("use_gpu was asked for but the Ray cluster has no GPU")
+    if num_actors is None:  # CPU: leave half the CPUs to read + qFF; cap the model copies
+        num_actors = int(gpus) if use_gpu else min(4, int(cpus) // 2)
+    return use_gpu, max(1, num_actors)
+
+
+def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split: str,
+                  out_path: str | os.PathLike, *, per_clip_path: str | os.PathLike | None = None,
+                  top_k_clip: int = 5, top_k_identity: int = MAX_RANK, batch_size: int = 4096,
+                  num_actors: int | None = None, use_gpu: bool | None = None,
+                  gt_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Predict `split` of a prepared dataset with the run's ensemble; write the submission.
+
+    out_path: the submission (top `top_k_identity` clips per identity, ids ascending).
+    per_clip_path: optional Parquet with clip, ok, top_ids (k,) int32, top_scores (k,) float32.
+    use_gpu / num_actors: default from `ray.cluster_resources()` (one actor per GPU).
+    gt_path: score the submission (default for val: the release's val_gt.txt, if found).
+    Returns a summary dict (clips, not_ok, seconds, clips_per_s, paths, map if scored).
+    Raises PredictError for a missing or malformed input, before anything runs.
+    """
+    spec = read_run(run_dir)
+    meta = check_split(dataset_dir, split)
+    gt = find_gt(meta, split, gt_path)
+    use_gpu, num_actors = resources(use_gpu, num_actors)
+    log.info("predict %s/%s with %d members (C=%d) on %d %s actor(s), weighting %s", dataset_dir,
+             split, spec.members, spec.num_classes, num_actors, "GPU" if use_gpu else "CPU",
+             spec.weighting)
+    ds = scored_dataset(spec, dataset_dir, split, top_k_clip=top_k_clip,
+                        top_k_identity=top_k_identity, batch_size=batch_size,
+                        num_actors=num_actors, use_gpu=use_gpu)
+    acc, t0 = TopKPerIdentity(spec.num_classes, top_k_identity), time.perf_counter()
+    with _atomic_parquet(per_clip_path, PER_CLIP_SCHEMA) as writer:
+        # Driver batches the size of the actors' keep <= 2 x top_k candidates per identity.
+        batches = ds.iter_batches(batch_size=batch_size, batch_format="pyarrow")
+        names, not_ok = fold_stream(batches, acc, writer)
+    write_submission(out_path, acc.ranked_clips(names), top_k_identity)
+    seconds = time.perf_counter() - t0
+    summary = {"split": split, "clips": len(names), "not_ok": not_ok, "seconds": round(seconds, 3),
+               "clips_per_s": round(len(names) / max(seconds, 1e-9), 1),
+               "submission": str(out_path), "per_clip": str(per_clip_path) if per_clip_path else None,
+               "num_classes": spec.num_classes, "members": spec.members, "num_actors": num_actors,
+               "use_gpu": use_gpu, "weighting": asdict(spec.weighting), "gt": str(gt) if gt else None}
+    if gt is not None:
+        summary["map"] = score_files(gt, out_path)
+    return summary

@@ -1,0 +1,172 @@
+"""K-fold training and the folds x architectures ensemble (driver side).
+
+`train_fold` runs one (fold, architecture) with Ray Train (see `rayvid.train.worker`);
+`train_kfold` runs every fold and architecture of the config, one after another or
+concurrently (`folds.concurrent`), and writes `RUN/ensemble.json`: the 4th place's blend,
+the sum of sigmoid scores over 5 folds x 5 architectures. A finished (fold, arch) leaves
+`result.json` and is skipped on a rerun; an unfinished one resumes from its last Ray
+checkpoint, so rerunning the same command continues a stopped run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from rayvid.data import pipeline as rdata
+from rayvid.config import to_dict
+from rayvid.model.ensemble import ENSEMBLE_FILE
+from rayvid.train.config import TrainJobConfig
+from rayvid.train.worker import RESULT_FILE, FoldPlan, plan_fold, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+
+def transforms(cfg: TrainJobConfig, fold: int) -> tuple[rdata.ClipTransform, rdata.ClipTransform]:
+    """(training, held-out) per-batch transforms of one fold."""
+    gate = (cfg.gate.det_min, cfg.gate.quality_min) if cfg.gate.enabled else None
+    train = rdata.ClipTransform(
+        mode="qfda" if cfg.qfda.enabled else "qff", weighting=cfg.fusion.weighting, gate=gate,
+        folds=(cfg.folds.k, fold, "train"), n_draws=cfg.qfda.n_draws, sizes=cfg.qfda.sizes,
+        mix=cfg.qfda.mix, drop_empty=True)
+    # Held-out clips are scored as test clips are: every face, no gate, qFF.
+    heldout = rdata.ClipTransform(mode="qff", weighting=cfg.fusion.weighting,
+                                  folds=(cfg.folds.k, fold, "heldout"))
+    return train, heldout
+
+
+def _scaling(cfg: TrainJobConfig):
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                         resources_per_worker=resources)
+
+
+def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fold: int,
+               arch: str, callbacks: list | None = None) -> dict:
+    """Train one (fold, arch); returns its result dict (also saved as result.json)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(run_dir).resolve()
+    out = run_dir / "folds" / str(fold) / arch
+    if (out / RESULT_FILE).exists():
+        log.info("fold %d %s already finished: %s", fold, arch, out)
+        # `best` as it is now: the run folder may have moved (or been copied) since.
+        return {**json.loads((out / RESULT_FILE).read_text()), "best": str(out / "best")}
+    out.mkdir(parents=True, exist_ok=True)
+    train_tf, heldout_tf = transforms(cfg, fold)
+    n_train = rdata.count_training_clips(dataset, cfg.folds.splits, train_tf)
+    plan = plan_fold(cfg, n_train, rdata.read_meta(dataset)["num_classes"], fold, arch, out)
+    train_tf = dataclasses.replace(train_tf, repeats=plan.repeats)
+    what = "qFDA draws" if cfg.qfda.enabled else "copies of its qFF vector"
+    print(f"[fold {fold} {arch}] {n_train} training clips, {plan.repeats} {what} per clip "
+          f"per epoch, {plan.epochs} epochs x {plan.steps_per_epoch} steps", flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": to_dict(cfg), "plan": dataclasses.asdict(plan)},
+        scaling_config=_scaling(cfg),
+        # x, y only: qFF mode (qfda.enabled=false) also emits `ok`, which the loop never uses
+        datasets={"train": rdata.clip_dataset(dataset, cfg.folds.splits, train_tf,
+                                              shuffle=True).select_columns(["x", "y"]),
+                  # deterministic (qFF): computed once, not re-executed every epoch
+                  "val": rdata.clip_dataset(dataset, cfg.folds.splits, heldout_tf).materialize()},
+        dataset_config=DataConfig(datasets_to_split="all"),
+        run_config=RunConfig(
+            name=f"{cfg.name}-fold{fold}-{arch}", storage_path=str(run_dir / "ray_results"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    return _finish(out, plan, result, time.perf_counter() - t0)
+
+
+def _finish(out: Path, plan: FoldPlan, result, seconds: float) -> dict:
+    state = _final_state(result)
+    history = state.get("history", [])
+    if not (out / "best").exists():
+        raise RuntimeError(f"fold {plan.fold} {plan.arch}: training ended without a checkpoint")
+    summary = {"fold": plan.fold, "arch": plan.arch, "best": str(out / "best"),
+               "best_map": max((h["fold_map"] for h in history), default=None),
+               "seconds": round(seconds, 1), "plan": dataclasses.asdict(plan),
+               "restores": state.get("restores", []), "history": history}
+    tmp = out / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / RESULT_FILE)
+    return summary
+
+
+def _final_state(result) -> dict:
+    """The run's last train state: per-epoch history (trimmed) and the resume points."""
+    import torch
+
+    from rayvid.train.worker import TRAIN_STATE_FILE
+
+    ckpt = result.checkpoint
+    if ckpt is None:
+        return {}
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    keep = ("epoch", "step", "loss", "fold_map", "fold_acc", "samples_per_s", "lr")
+    return {"history": [{k: h[k] for k in keep if k in h} for h in state["history"]],
+            "restores": state.get("restores", [])}
+
+
+def train_kfold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path) -> list[dict]:
+    """Every (fold, arch) of the config, then `RUN/ensemble.json`. Returns their results."""
+    jobs = [(f, a) for f in cfg.folds.folds for a in cfg.model.archs]
+    if cfg.folds.concurrent and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            results = list(pool.map(lambda j: train_fold(cfg, dataset, run_dir, *j), jobs))
+    else:
+        results = [train_fold(cfg, dataset, run_dir, f, a) for f, a in jobs]
+    num_classes = rdata.read_meta(dataset)["num_classes"]
+    proto = fit_prototype(cfg, dataset, run_dir, num_classes) if cfg.model.prototype_weight > 0 else None
+    write_ensemble(cfg, run_dir, results, num_classes, proto)
+    return results
+
+
+def fit_prototype(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path,
+                  num_classes: int) -> Path:
+    """Class means of every training clip (all folds) as a checkpoint: RUN/prototype."""
+    from rayvid.train.baseline import class_means
+    from rayvid.model.checkpoints import save_checkpoint
+    from rayvid.model.architectures import build_model
+
+    out = Path(run_dir).resolve() / "prototype"
+    if not (out / "model.pt").exists():
+        means = class_means(str(dataset), cfg.folds.splits, num_classes, cfg.fusion.weighting)
+        head = build_model("prototype", num_classes=num_classes).set_means(means)
+        save_checkpoint(out, head, job_config=to_dict(cfg),
+                        extra={"weighting": dataclasses.asdict(cfg.fusion.weighting)})
+    return out
+
+
+def write_ensemble(cfg: TrainJobConfig, run_dir: str | Path, results: list[dict],
+                   num_classes: int, prototype: Path | None = None) -> Path:
+    """`ensemble.json`: members (best checkpoint of every fold x arch, plus the prototype
+    head weighted `model.prototype_weight` x the MLPs' total) + the qFF weighting."""
+    run_dir = Path(run_dir).resolve()
+    members = [{"path": str(Path(r["best"]).resolve().relative_to(run_dir)), "weight": 1.0,
+                "fold": r["fold"], "arch": r["arch"], "fold_map": r["best_map"]}
+               for r in results]
+    if prototype is not None:
+        members.append({"path": str(prototype.relative_to(run_dir)), "arch": "prototype",
+                        "weight": cfg.model.prototype_weight * max(len(results), 1)})
+    spec = {"members": members,
+            "weighting": dataclasses.asdict(cfg.fusion.weighting),
+            "num_classes": num_classes}
+    path = run_dir / ENSEMBLE_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=2))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,260 @@
+"""Ray Train for one (fold, architecture): DDP over the qFDA pipeline, fold mAP each epoch.
+
+`train_fold` plans the run on the driver (how many clips survive the gate, how many steps
+the size-invariant schedule wants, how many qFDA draws per clip an epoch needs), builds
+the Ray Data pipelines and runs a `TorchTrainer`. `train_loop_per_worker` is the worker
+side: `prepare_model` (DDP), bf16 autocast on GPU, the staged loss and LR schedules,
+validation on the held-out fold by the official metric (running top-100 per identity,
+merged across ranks), a checkpoint every epoch and the best one copied to
+`RUN/folds/<fold>/<arch>/best`. A dead worker restarts from the last checkpoint
+(`FailureConfig`); rerunning the same command resumes a stopped run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayvid.model.checkpoints import save_checkpoint, unwrap_model
+from rayvid.config import from_dict, to_dict
+from rayvid.model.losses import LossSchedule, MixedLoss
+from rayvid.core.metrics import map_from_topk
+from rayvid.model.architectures import MLP_ARCHS, build_model
+from rayvid.model.schedules import LRSchedule, apply
+from rayvid.core.submission import TopKPerIdentity
+from rayvid.train.config import TrainJobConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_FILE = "train_state.pt"
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """What one fold's run does, decided on the driver before `fit()`."""
+
+    fold: int
+    arch: str
+    num_classes: int
+    n_train: int
+    repeats: int  # qFDA samples per clip per epoch
+    epochs: int
+    steps_per_epoch: int
+    out_dir: str  # RUN/folds/<fold>/<arch>
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def plan_fold(cfg: TrainJobConfig, n_train: int, num_classes: int, fold: int, arch: str,
+              out_dir: Path) -> FoldPlan:
+    """Size-invariant plan: total steps from `optim`, spread over `train.epochs` epochs."""
+    if n_train <= 0:
+        raise ValueError(f"fold {fold}: no training clip survives the gate")
+    world = cfg.train.num_workers
+    total = cfg.optim.total_steps(n_train, world)
+    epochs = max(1, min(cfg.train.epochs, total))
+    want_per_epoch = math.ceil(total / epochs)
+    repeats = max(1, round(want_per_epoch * cfg.optim.batch_size * world / n_train))
+    per_epoch = math.ceil(n_train * repeats / (cfg.optim.batch_size * world))
+    return FoldPlan(fold, arch, num_classes, n_train, repeats, epochs, per_epoch, str(out_dir))
+
+
+def model_kwargs(cfg: TrainJobConfig, arch: str) -> dict[str, Any]:
+    """The `model` section's constructor options that `arch` takes (the MLPs take both)."""
+    if arch not in MLP_ARCHS:
+        return {}
+    kwargs: dict[str, Any] = {"head_bias": cfg.model.head_bias}
+    if cfg.model.dropout is not None:
+        kwargs["dropout"] = cfg.model.dropout
+    return kwargs
+
+
+def lr_schedule(cfg: TrainJobConfig) -> LRSchedule:
+    o = cfg.optim
+    return LRSchedule(base_lr=o.lr, kind=o.schedule, warmup_fraction=o.warmup_fraction,
+                      warmup_lr=o.warmup_lr, warmup=o.warmup, step_fraction=o.step_fraction,
+                      min_lr=o.min_lr)
+
+
+def build_criterion(cfg: TrainJobConfig) -> tuple[MixedLoss, LossSchedule]:
+    schedule = LossSchedule([(s.start, s.weights) for s in cfg.loss.stages])
+    options = {"uir": {"lam": cfg.loss.uir_lambda}} if "uir" in schedule.names else None
+    return MixedLoss({n: 1.0 for n in schedule.names}, options), schedule
+
+
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load the latest Ray checkpoint (after a failure or on a rerun), else a fresh state."""
+    import ray.train
+
+    state = {"epoch": 0, "step": 0, "best_map": -1.0, "history": [], "restores": []}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return state
+    with ckpt.as_directory() as d:
+        unwrap_model(model).load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu"))
+        saved = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    opt.load_state_dict(saved.pop("optimizer"))
+    state.update(saved)
+    state["restores"] = state.get("restores", []) + [state["epoch"]]  # resumed after epoch N
+    _say(f"resumed from checkpoint at epoch {state['epoch']}, step {state['step']}")
+    return state
+
+
+def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.device) -> dict:
+    """Fold mAP (official metric) and top-1 accuracy on this rank's held-out shard, merged
+    across ranks: each rank keeps a running top-100 per identity, never a score matrix."""
+    import torch.distributed as dist
+    from ray.train import get_context
+
+    rank, world = get_context().get_world_rank(), get_context().get_world_size()
+    topk, index, labels, correct, n = TopKPerIdentity(num_classes), [], [], 0, 0
+    model.eval()
+    with torch.inference_mode():
+        for b in shard.iter_batches(batch_size=2048, batch_format="numpy"):
+            scores = torch.sigmoid(model(torch.from_numpy(b["x"]).to(device)).float()).cpu().numpy()
+            idx = np.arange(n, n + len(scores), dtype=np.int64) * world + rank  # globally unique
+            topk.update(idx, scores)
+            index.append(idx), labels.append(b["y"])
+            correct += int((scores.argmax(1) == b["y"]).sum())
+            n += len(scores)
+    local = (topk, np.concatenate(index) if index else np.zeros(0, np.int64),
+             np.concatenate(labels) if labels else np.zeros(0, np.int64), correct, n)
+    parts = [local]
+    if world > 1 and dist.is_initialized():
+        parts = [None] * world
+        dist.all_gather_object(parts, local)
+    merged = parts[0][0]
+    for p in parts[1:]:
+        merged.merge(p[0])
+    all_index = np.concatenate([p[1] for p in parts])
+    label_of = np.zeros(int(all_index.max()) + 1 if all_index.size else 0, np.int64)
+    label_of[all_index] = np.concatenate([p[2] for p in parts])
+    total = sum(p[4] for p in parts)
+    return {"fold_map": map_from_topk(merged, label_of) if total else 0.0,
+            "fold_acc": sum(p[3] for p in parts) / max(total, 1), "val_clips": total}
+
+
+def _say(line: str) -> None:
+    """One line to the worker's stdout (Ray forwards it to the driver). Not `print`: Train
+    v2 patches print in workers to write both stdout and its logger, so lines came twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class _Progress:
+    """Rank-0 progress line every `every_s` seconds: step/total, loss, samples/s, lr, ETA."""
+
+    def __init__(self, tag: str, total: int, every_s: float, start_step: int):
+        self.tag, self.total, self.every_s = tag, total, every_s
+        self.t0 = self.last = time.perf_counter()
+        self.step0, self.samples, self.loss_sum, self.loss_n = start_step, 0, 0.0, 0
+
+    def update(self, step: int, epoch: str, loss: "torch.Tensor | float", n: int, lr: float) -> None:
+        """loss: this step's loss; a device tensor is only read (synced) when a line prints."""
+        self.samples += n
+        self.loss_sum, self.loss_n = self.loss_sum + loss, self.loss_n + 1
+        now = time.perf_counter()
+        if now - self.last < self.every_s and step != self.total:
+            return
+        rate = self.samples / max(now - self.t0, 1e-9)
+        steps_rate = (step - self.step0) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / max(steps_rate, 1e-9)
+        _say(f"[{self.tag}] epoch {epoch} step {step}/{self.total} "
+              f"loss {float(self.loss_sum) / self.loss_n:.4f} {rate:,.0f} samples/s lr {lr:.2e} "
+              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        self.last, self.loss_sum, self.loss_n = now, 0.0, 0
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: see the module docstring. config: {"job": dict, "plan": dict}."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainJobConfig, config["job"])
+    plan = FoldPlan(**config["plan"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(cfg.train.seed * 1000 + plan.fold)
+    model = ray.train.torch.prepare_model(
+        build_model(plan.arch, in_dim=512, num_classes=plan.num_classes,
+                    **model_kwargs(cfg, plan.arch)))
+    device = ray.train.torch.get_device()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    state = _restore(model, opt)
+    criterion, loss_schedule = build_criterion(cfg)
+    lrs = lr_schedule(cfg)
+    bf16 = cfg.train.bf16 and device.type == "cuda"
+    progress = _Progress(f"fold {plan.fold} {plan.arch}", plan.total_steps,
+                         cfg.train.log_every_s, state["step"])
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    step = state["step"]
+    for epoch in range(state["epoch"], plan.epochs):
+        model.train()
+        t0, seen, loss_sum, n_batches = time.perf_counter(), 0, 0.0, 0
+        for batch in train_shard.iter_torch_batches(
+                batch_size=cfg.optim.batch_size, local_shuffle_buffer_size=cfg.train.shuffle_buffer,
+                dtypes={"x": torch.float32, "y": torch.int64}, device=device):
+            lr = lrs.lr_at(min(step, plan.total_steps - 1), plan.total_steps)
+            apply(opt, lr)
+            criterion.set_weights(loss_schedule.at(min(step / plan.total_steps, 1.0)))
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(batch["x"])
+            loss = criterion(logits.float(), batch["y"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += len(batch["y"])
+            loss_d = loss.detach()  # summed on the device: no host sync per step
+            loss_sum, n_batches = loss_sum + loss_d, n_batches + 1
+            if rank == 0:
+                progress.update(step, f"{epoch + 1}/{plan.epochs}", loss_d, len(batch["y"]), lr)
+        train_s = time.perf_counter() - t0
+        metrics = evaluate(model, val_shard, plan.num_classes, device)
+        metrics.update(epoch=epoch + 1, step=step, loss=float(loss_sum) / max(n_batches, 1),
+                       samples_per_s=seen / max(train_s, 1e-9), lr=lr if n_batches else 0.0,
+                       fold=plan.fold, arch=plan.arch)
+        improved = metrics["fold_map"] > state["best_map"]
+        state.update(epoch=epoch + 1, step=step, best_map=max(state["best_map"], metrics["fold_map"]))
+        state["history"] = state["history"] + [metrics]
+        metrics["best_map"] = state["best_map"]
+        _report(cfg, plan, model, opt, state, metrics, improved, rank)
+
+
+def _report(cfg, plan: FoldPlan, model, opt, state: dict, metrics: dict, improved: bool,
+            rank: int) -> None:
+    import ray.train
+
+    if rank == 0:
+        _say(f"[fold {plan.fold} {plan.arch}] epoch {metrics['epoch']}/{plan.epochs} "
+              f"loss {metrics['loss']:.4f} fold mAP {metrics['fold_map']:.4f} "
+              f"(best {state['best_map']:.4f}) acc {metrics['fold_acc']:.4f}")
+    extra = {"fold": plan.fold, "epoch": metrics["epoch"], "fold_map": metrics["fold_map"],
+             "weighting": dataclasses.asdict(cfg.fusion.weighting)}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            ckpt_dir = save_checkpoint(Path(tmp) / "ckpt", model, job_config=to_dict(cfg), extra=extra)
+            plain = json.loads(json.dumps(state, default=float))  # no numpy scalars: the
+            torch.save({**plain, "optimizer": opt.state_dict()},  # weights_only loader reads it
+                       ckpt_dir / TRAIN_STATE_FILE)
+            if improved:  # the best one is kept outside Ray's rotation, on the run's storage
+                save_checkpoint(Path(plan.out_dir) / "best", model, job_config=to_dict(cfg),
+                                extra=extra)
+            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+        ray.train.report(metrics, checkpoint=checkpoint)
