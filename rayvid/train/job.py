@@ -37,12 +37,12 @@ def resolve_dataset(cfg: TrainJobConfig, run_dir: Path) -> tuple[Path, Path | No
         return dataset, Path(source) if source and Path(source).is_dir() else None
     release = Path(cfg.data.release) if cfg.data.release else run_dir / "release"
     if not cfg.data.release and not (release / "val_gt.txt").exists():
-        print(f"simulating a {cfg.data.simulate_ids}-identity release into {release}", flush=True)
+        log.info("simulating a %d-identity release into %s", cfg.data.simulate_ids, release)
         simulate_release(release, cfg.data.simulate_ids, cfg.data.simulate_seed,
                          faces_per_clip=cfg.data.simulate_faces_per_clip)
     dataset = run_dir / "dataset"
     if not (dataset / "_rayvid_dataset.json").exists():
-        print(f"preparing {release} -> {dataset}", flush=True)
+        log.info("preparing %s -> %s", release, dataset)
         prepare_release(release, dataset, on_bad_clip=cfg.data.on_bad_clip)
     return dataset, release
 

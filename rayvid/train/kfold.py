@@ -68,8 +68,8 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
     plan = plan_fold(cfg, n_train, rdata.read_meta(dataset)["num_classes"], fold, arch, out)
     train_tf = dataclasses.replace(train_tf, repeats=plan.repeats)
     what = "qFDA draws" if cfg.qfda.enabled else "copies of its qFF vector"
-    print(f"[fold {fold} {arch}] {n_train} training clips, {plan.repeats} {what} per clip "
-          f"per epoch, {plan.epochs} epochs x {plan.steps_per_epoch} steps", flush=True)
+    log.info("[fold %d %s] %d training clips, %d %s per clip per epoch, %d epochs x %d steps",
+             fold, arch, n_train, plan.repeats, what, plan.epochs, plan.steps_per_epoch)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "plan": dataclasses.asdict(plan)},

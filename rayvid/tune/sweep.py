@@ -167,7 +167,7 @@ def _tuner(cfg: TuneJobConfig, trainable, out: Path):
     s = cfg.search
     path = out / "tune" / cfg.name
     if tune.Tuner.can_restore(path):
-        print(f"resuming the sweep in {path}", flush=True)
+        log.info("resuming the sweep in %s", path)
         return tune.Tuner.restore(str(path), trainable, resume_errored=False,
                                   restart_errored=False)
     return tune.Tuner(
