@@ -33,6 +33,11 @@ def _cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Whatever starts Ray is in the `ray` lane, marked or not: the fast lane
+    # (-m "not ray and not slow") never starts it.
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()) and "ray" not in item.keywords:
+            item.add_marker(pytest.mark.ray)
     if _cuda():
         return
     skip = pytest.mark.skip(reason="needs CUDA (GPU tests run on a GPU host)")
