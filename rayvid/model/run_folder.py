@@ -54,8 +54,11 @@ def weighted_mean(weighted_sums: np.ndarray | Sequence[np.ndarray],
                   weights: Sequence[float]) -> np.ndarray:
     """Members' weighted sum of sigmoid scores -> their weighted mean, float32 in [0, 1].
 
-    weighted_sums: one `(n, C)` array, sum over members of weight * sigmoid score
-        (`Ensemble.scores`), or a sequence of such partial sums (groups of members,
+    The 4th place ranked by the plain sum (`Ensemble.scores`; the ranking is the same);
+    everything that compares a score with a threshold (`/identify`, the search index,
+    calibration) uses this mean, so the units agree.
+    weighted_sums: an array of any shape, e.g. `(n, C)`, of sums over members of
+        weight * sigmoid score, or a sequence of such partial sums (groups of members,
         as the Serve member deployments return them), added first.
     weights: every member's weight (the divisor is their sum), >= 0 with a positive sum.
     """
