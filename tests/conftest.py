@@ -2,7 +2,11 @@
 
 Ray tests use `ray_local` (a fresh `ray.init(address="local")` with 4 logical CPUs, so a
 Train worker and Ray Data never starve each other on a 2-core machine) and `sim_dataset`
-(a small release from rayvid's own simulator, prepared once per session).
+(a small release from rayvid's own simulator, prepared once per session). Tests that
+predict, index or serve use `trained_run`: a run folder trained in-process on
+`sim_dataset` (no Ray, a few seconds), written by the real checkpoint and run-folder
+writers. Treat it as read-only: a test that writes into a run (calibration writes
+`serving.json`) works on a `shutil.copytree` of it.
 """
 
 import os
@@ -81,3 +85,69 @@ def sim_dataset(sim_release, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "dataset"
     prepare_release(sim_release, out)
     return out
+
+
+# The trained run: unequal blend weights and a qFF weighting that is not the default, so a
+# consumer that ignores either (sums instead of the weighted mean, default fusion) fails.
+TRAINED_WEIGHTS = (1.0, 0.5)
+TRAINED_WEIGHTING = {"kind": "bands", "cuts": [0.0, 30.0], "values": [0.0, 0.5, 1.0],
+                     "power": 1.0}
+TRAINED_FOLDS = 2
+
+
+def _train_member(x, y, num_classes: int, seed: int, steps: int = 60):
+    """A small M5 fitted full-batch with the 4th place's warm-up loss mix (0.25 CE +
+    0.75 focal); `head_bias="prior"` so a few dozen steps learn something."""
+    import torch
+
+    from rayvid.model.architectures import build_model
+    from rayvid.model.losses import MixedLoss
+
+    torch.manual_seed(seed)
+    model = build_model("M5", in_dim=x.shape[1], num_classes=num_classes, head_bias="prior")
+    criterion = MixedLoss({"ce": 0.25, "focal": 0.75})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype("int64"))
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        criterion(model(xt), yt).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_run(sim_dataset, tmp_path_factory):
+    """A run folder as training leaves it: `folds/<f>/M5/best` checkpoints (one M5 per
+    fold of `sim_dataset`'s train split, qFF with TRAINED_WEIGHTING, held-out fold mAP
+    recorded) and `ensemble.json` with TRAINED_WEIGHTS. No `serving.json`."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from rayvid.core import fusion, metrics
+    from rayvid.data.pipeline import read_meta, split_paths
+    from rayvid.model import run_folder
+    from rayvid.model.checkpoints import save_checkpoint
+    from rayvid.release import schema
+
+    num_classes = read_meta(sim_dataset)["num_classes"]
+    table = pq.read_table(split_paths(sim_dataset, ["train"]))
+    feat, det, quality, offsets = schema.face_arrays(table)
+    weighting = fusion.Weighting.from_dict(TRAINED_WEIGHTING)
+    x, ok = fusion.qff(feat, det, quality, offsets, weighting)
+    label = table["label"].to_numpy()
+    fold = schema.fold_of(label, table["strat_rank"].to_numpy(), TRAINED_FOLDS)
+    run = tmp_path_factory.mktemp("trained") / "run"
+    members = []
+    for f, weight in zip(range(TRAINED_FOLDS), TRAINED_WEIGHTS):
+        train, held = ok & (fold != f), ok & (fold == f)
+        model = _train_member(x[train], label[train], num_classes, seed=f)
+        with torch.no_grad():
+            fold_map = metrics.map_from_scores(model(torch.from_numpy(x[held])).numpy(), label[held])
+        path = f"folds/{f}/M5/best"
+        save_checkpoint(run / path, model, extra={"fold": f, "map": fold_map,
+                                                   "weighting": TRAINED_WEIGHTING})
+        members.append(run_folder.Member(path, weight, fold=f, arch="M5", fold_map=fold_map))
+    run_folder.write_ensemble(run, run_folder.EnsembleSpec(tuple(members), weighting, num_classes))
+    return run
+

@@ -15,6 +15,7 @@ from rayvid.model.checkpoints import (
     CONFIG_FILE, JOB_CONFIG_FILE, MODEL_FILE, load_model, read_job_config, save_checkpoint,
 )
 from rayvid.model.ensemble import Ensemble
+from rayvid.model.run_folder import RunFolderError
 from rayvid.model.architectures import build_model
 
 C = 7
@@ -125,14 +126,14 @@ def test_ensemble_from_run(tmp_path: Path) -> None:
     for fold, m in enumerate(members):
         save_checkpoint(tmp_path / "folds" / str(fold) / m.arch / "best", m)
     spec = {"members": [{"path": f"folds/{i}/{m.arch}/best", "weight": 1.0 + i} for i, m in enumerate(members)],
-            "weighting": {"kind": "band"}}
+            "weighting": {"kind": "mean"}}
     (tmp_path / "ensemble.json").write_text(json.dumps(spec))
     ens = Ensemble.from_run(tmp_path)
-    assert len(ens) == 2 and ens.weights == [1.0, 2.0] and ens.info == {"weighting": {"kind": "band"}}
+    assert len(ens) == 2 and ens.weights == [1.0, 2.0] and ens.info["weighting"]["kind"] == "mean"
     x = _x(5).numpy()
     expected = Ensemble(members, [1.0, 2.0]).scores(x)
     np.testing.assert_allclose(ens.scores(x), expected, rtol=1e-6)
-    with pytest.raises(FileNotFoundError, match="ensemble.json"):
+    with pytest.raises(RunFolderError, match="has no ensemble.json"):
         Ensemble.from_run(tmp_path / "folds")
 
 

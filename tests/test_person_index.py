@@ -1,6 +1,7 @@
 """Tests of rayvid.infer.person_index: the numpy core (top-k merge, threshold calibration), then the
 person-search index built and updated with Ray Data on a simulated dataset, against a
-brute-force in-process computation (every score, full sorts).
+brute-force in-process computation (every score, full sorts). The run is a copy of
+conftest's `trained_run` (calibration writes its `serving.json`).
 
     pytest tests/test_index.py            # ~1 minute, most of it Ray Data start-up
 """
@@ -8,6 +9,7 @@ brute-force in-process computation (every score, full sorts).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,36 +18,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from conftest import TRAINED_WEIGHTING, TRAINED_WEIGHTS
 
 from rayvid.core import fusion
 from rayvid.release import schema
-from rayvid.model.checkpoints import save_checkpoint
 from rayvid.data.pipeline import read_meta
 from rayvid.model.ensemble import Ensemble
+from rayvid.model.run_folder import read_serving
 from rayvid.infer.person_index import (INDEX_SCHEMA, SearchIndexError, build_index, calibrate, load_index,
-                          merge_top_k, read_index_table, read_serving, threshold_for,
-                          update_index)
-from rayvid.model.architectures import build_model
+                          merge_top_k, read_index_table, threshold_for, update_index)
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTING = {"kind": "bands", "cuts": [0.0, 20.0, 30.0, 40.0],
-             "values": [0.0, 0.2, 0.3, 0.6, 1.0], "power": 1.0}
 K = 7
-
-
-def make_run(root: Path, num_classes: int, weights=(1.0, 0.5)) -> Path:
-    """A run folder as jobs/train.py leaves it: random small M5 members + ensemble.json."""
-    run = root / "run"
-    members = []
-    for i, w in enumerate(weights):
-        torch.manual_seed(i)
-        path = f"folds/{i}/M5/best"
-        save_checkpoint(run / path, build_model("M5", in_dim=512, num_classes=num_classes))
-        members.append({"path": path, "weight": w, "fold": i, "arch": "M5"})
-    spec = {"members": members, "weighting": WEIGHTING, "num_classes": num_classes}
-    (run / "ensemble.json").write_text(json.dumps(spec))
-    return run
 
 
 # ------------------------------------------------------------------ numpy core
@@ -96,9 +80,8 @@ def _brute_force(ds: Path, run: Path, splits: list[str], k: int) -> dict[int, li
     """Per identity: [(clip, score, frame_min, frame_max)] best first, ties by stream order."""
     table = pa.concat_tables([pq.read_table(sorted((ds / s).glob("*.parquet"))) for s in splits])
     feat, det, quality, offsets = schema.face_arrays(table)
-    x, _ = fusion.qff(feat, det, quality, offsets, fusion.Weighting())
-    ens = Ensemble.from_run(run)
-    scores = ens.scores(x) / np.float32(sum(ens.weights))
+    x, _ = fusion.qff(feat, det, quality, offsets, fusion.Weighting.from_dict(TRAINED_WEIGHTING))
+    scores = Ensemble.from_run(run).scores(x) / np.float32(sum(TRAINED_WEIGHTS))
     frames = table["face_frame"].to_pylist()
     names = table["clip"].to_pylist()
     out = {}
@@ -125,8 +108,8 @@ def _assert_same(got: dict[int, list], want: dict[int, list]) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(sim_dataset, tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("index"), read_meta(sim_dataset)["num_classes"])
+def run_dir(trained_run, tmp_path_factory):
+    return Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("index") / "run"))
 
 
 @pytest.mark.ray
@@ -155,7 +138,8 @@ def test_build_then_update_equals_a_full_brute_force(ray_local, sim_dataset, run
 @pytest.mark.ray
 def test_calibrate_scores_val_and_writes_serving_json(ray_local, sim_dataset, run_dir):
     result = calibrate(run_dir, sim_dataset, "val", batch_size=64, num_actors=1)
-    assert result == read_serving(run_dir)
+    assert result == json.loads((run_dir / "serving.json").read_text())
+    assert read_serving(run_dir).to_json() == result
     cal = result["calibration"]
     meta = read_meta(sim_dataset)["splits"]["val"]
     assert cal["noise"] == meta["noise"] > 0 and cal["known"] + cal["noise"] == meta["clips"]

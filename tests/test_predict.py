@@ -1,5 +1,7 @@
 """Tests of rayvid.infer.predict and jobs/predict.py: the numpy core, then batch prediction on a
-real local Ray against a brute-force in-memory computation (all scores, full sorts).
+real local Ray against a brute-force in-memory computation (all scores, full sorts). The
+run is conftest's `trained_run`; the dataset is hand-written here (clips with no face, or
+with no usable face, and 3 part files).
 
     pytest tests/test_predict.py            # ~40 s, most of it Ray and actor start-up
 """
@@ -15,22 +17,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from conftest import TRAINED_WEIGHTING
 
 from rayvid.core import fusion, metrics
 from rayvid.release import schema
-from rayvid.model.checkpoints import save_checkpoint
 from rayvid.config import from_dict
 from rayvid.model.ensemble import Ensemble
-from rayvid.model.architectures import build_model
 from rayvid.infer.predict import (PredictError, batch_candidates, find_gt, predict_split, read_run,
                             top_classes)
 from rayvid.core.submission import TopKPerIdentity
 from rayvid.train.config import FusionSection
 
 ROOT = Path(__file__).resolve().parents[1]
-C = 12  # classes: 0 = other, identities 1..11
-WEIGHTING = {"kind": "bands", "cuts": [0.0, 30.0], "values": [0.0, 0.5, 1.0], "power": 1.0}
 PARTS = (70, 90, 77)  # val clips per Parquet part file: 237 clips
 
 
@@ -76,14 +74,14 @@ def test_update_sparse_rejects_class_zero():
 # ------------------------------------------------------------------ fixtures
 
 
-def _clip_rows(rng: np.random.Generator, start: int, n: int) -> pa.Table:
+def _clip_rows(rng: np.random.Generator, start: int, n: int, num_classes: int) -> pa.Table:
     """n clips in the dataset schema (design.md section 2): faces only, no heads/bodies/audio."""
     n_faces = rng.integers(0, 5, n).astype(np.int32)
     n_faces[::17] = 0  # no face: ok False
     quality = [rng.uniform(-10, 60, f).astype(np.float32) for f in n_faces]
     for i in range(5, n, 23):
         quality[i][:] = -5.0  # all faces weigh 0 under W(q): ok False, plain-mean fallback
-    label = rng.integers(0, C, n).astype(np.int32)
+    label = rng.integers(0, num_classes, n).astype(np.int32)
     empty_i, empty_f, no_feat = [[] for _ in range(n)], [[] for _ in range(n)], [b""] * n
     cols = {
         "clip": [f"IQIYI_VID_VAL_{start + i + 1:07d}" for i in range(n)], "split": ["val"] * n,
@@ -101,7 +99,7 @@ def _clip_rows(rng: np.random.Generator, start: int, n: int) -> pa.Table:
     return pa.table(cols, schema=schema.DATASET_SCHEMA)
 
 
-def _write_dataset(root: Path) -> tuple[Path, Path]:
+def _write_dataset(root: Path, num_classes: int) -> tuple[Path, Path]:
     """A prepared dataset with a val split (3 part files) and its release's val_gt.txt."""
     rng = np.random.default_rng(0)
     ds, release = root / "ds", root / "release"
@@ -109,7 +107,7 @@ def _write_dataset(root: Path) -> tuple[Path, Path]:
     release.mkdir()
     tables, start = [], 0
     for i, n in enumerate(PARTS):
-        tables.append(_clip_rows(rng, start, n))
+        tables.append(_clip_rows(rng, start, n, num_classes))
         pq.write_table(tables[-1], ds / "val" / f"part-{i:05d}.parquet")
         start += n
     val = pa.concat_tables(tables)
@@ -120,39 +118,27 @@ def _write_dataset(root: Path) -> tuple[Path, Path]:
     (release / "val_gt.txt").write_text("".join(f"{i} {' '.join(c)}\n" for i, c in sorted(by_id.items())))
     meta = {"format": schema.FORMAT_NAME, "version": schema.FORMAT_VERSION,
             "source": str(release), "splits": {"val": {"clips": start}},
-            "dims": {"face": 512}, "num_classes": C}
+            "dims": {"face": 512}, "num_classes": num_classes}
     (ds / schema.META_FILE).write_text(json.dumps(meta))
     return ds, release
-
-
-def _write_run(root: Path) -> Path:
-    run = root / "run"
-    members = []
-    for fold in range(2):
-        torch.manual_seed(fold)
-        path = f"folds/{fold}/M5/best"
-        save_checkpoint(run / path, build_model("M5", in_dim=512, num_classes=C))
-        members.append({"path": path, "weight": 1.0})
-    spec = {"members": members, "weighting": WEIGHTING, "num_classes": C}
-    (run / "ensemble.json").write_text(json.dumps(spec))
-    return run
 
 
 # Ray: the session-wide `ray_local` fixture from conftest.py (one ray.init per session).
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, trained_run):
     root = tmp_path_factory.mktemp("predict")
-    ds, release = _write_dataset(root)
-    return root, ds, release, _write_run(root)
+    num_classes = json.loads((trained_run / "ensemble.json").read_text())["num_classes"]
+    ds, release = _write_dataset(root, num_classes)
+    return root, ds, release, trained_run
 
 
 def _brute_force(ds: Path, run: Path) -> tuple[dict[str, np.ndarray], dict[str, bool], dict[str, int]]:
     """Every clip's (C,) scores, ok flag and label, computed in one process from the files."""
     val = pq.read_table(sorted((ds / "val").glob("*.parquet")))
     feat, det, quality, offsets = schema.face_arrays(val)
-    weighting = from_dict(FusionSection, WEIGHTING).weighting
+    weighting = from_dict(FusionSection, TRAINED_WEIGHTING).weighting  # the run's, not the default
     x, ok = fusion.qff(feat, det, quality, offsets, weighting)
     scores = Ensemble.from_run(run).scores(x)
     names = val["clip"].to_pylist()
@@ -177,14 +163,15 @@ def test_predict_matches_brute_force(ray_local, inputs):
     assert summary["not_ok"] == sum(not v for v in ok.values()) > 0
     assert table["ok"].to_pylist() == [ok[n] for n in names]
     s = np.stack([scores[n] for n in names])  # (N, C) float32, in index order
+    c_all = s.shape[1]
 
-    top = np.lexsort((np.broadcast_to(np.arange(C), s.shape), -s), axis=1)[:, :5]
+    top = np.lexsort((np.broadcast_to(np.arange(c_all), s.shape), -s), axis=1)[:, :5]
     np.testing.assert_array_equal(np.array(table["top_ids"].to_pylist()), top)
     np.testing.assert_allclose(np.array(table["top_scores"].to_pylist()),
                                np.take_along_axis(s, top, 1), rtol=1e-6)
 
     expected = []
-    for c in range(1, C):  # full sort per identity: score desc, ties by lower clip index
+    for c in range(1, c_all):  # full sort per identity: score desc, ties by lower clip index
         order = np.lexsort((np.arange(len(names)), -s[:, c]))[:100]
         expected.append(" ".join([str(c)] + [names[i] + ".mp4" for i in order]))
     assert out.read_text().splitlines() == expected
@@ -205,7 +192,7 @@ def test_missing_split_is_a_clear_error(ray_local, inputs):
 
 def test_malformed_ensemble_json(tmp_path):
     (tmp_path / "ensemble.json").write_text('{"members": [{"weight": 1}]}')
-    with pytest.raises(PredictError, match="malformed ensemble.json"):
+    with pytest.raises(PredictError, match=r"ensemble.json: members\[0\].path: missing"):
         read_run(tmp_path)
 
 

@@ -1,7 +1,7 @@
 """Tests of the Serve application over real HTTP on 127.0.0.1 (rayvid.infer.app).
 
-One app per module on the session's local Ray: a run folder of two random M5 members, a
-search index built with `rayvid.infer.person_index.build_index` on the simulated dataset's test split.
+One app per module on the session's local Ray: a copy of conftest's `trained_run` (two
+trained M5 members, unequal weights) with a `serving.json` threshold, a search index built with `rayvid.infer.person_index.build_index` on the simulated dataset's test split.
 Answers are checked against the same clips scored in-process (qFF + `Ensemble.scores`);
 every bad input must get a 4xx with a message and leave the replicas alive.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,36 +21,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import TRAINED_WEIGHTING, TRAINED_WEIGHTS
 
 from rayvid.core import fusion
 from rayvid.release import schema
-from rayvid.model.checkpoints import save_checkpoint
-from rayvid.data.pipeline import read_meta
+from rayvid.model import run_folder
 from rayvid.model.ensemble import Ensemble
-from rayvid.model.architectures import build_model
 from rayvid.infer.api import MAX_BODY_BYTES, MAX_CLIPS_PER_BATCH, MAX_FACES_PER_CLIP
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = (1.0, 0.5)
+WEIGHTING = fusion.Weighting.from_dict(TRAINED_WEIGHTING)
 THRESHOLD = 0.3
-
-
-def _make_run(root: Path, num_classes: int) -> Path:
-    """A run folder as jobs/train.py leaves it: random M5 members + ensemble.json."""
-    run = root / "run"
-    members = []
-    for i, w in enumerate(WEIGHTS):
-        import torch
-
-        torch.manual_seed(i)
-        path = f"folds/{i}/M5/best"
-        save_checkpoint(run / path, build_model("M5", in_dim=512, num_classes=num_classes))
-        members.append({"path": path, "weight": w})
-    (run / "ensemble.json").write_text(json.dumps(
-        {"members": members, "weighting": {"kind": "bands"}, "num_classes": num_classes}))
-    (run / "serving.json").write_text(json.dumps({"unknown_threshold": THRESHOLD}))
-    return run
 
 
 def _free_port() -> int:
@@ -59,7 +42,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, sim_dataset, tmp_path_factory):
+def served(ray_local, sim_dataset, trained_run, tmp_path_factory):
     """configs/serve.yaml deployed as `serve deploy` does, with a test run, index and port."""
     import httpx
     import yaml
@@ -69,7 +52,8 @@ def served(ray_local, sim_dataset, tmp_path_factory):
     from rayvid.infer.app import deploy_config, serve_config
 
     root = tmp_path_factory.mktemp("serving")
-    run = _make_run(root, read_meta(sim_dataset)["num_classes"])
+    run = Path(shutil.copytree(trained_run, root / "run"))
+    run_folder.write_serving(run, run_folder.ServingSpec(THRESHOLD))
     index_dir = root / "index"
     build_index(run, sim_dataset, "test", index_dir, k=10, batch_size=128, num_actors=1)
     port, base = _free_port(), yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
@@ -93,10 +77,10 @@ def clips(sim_dataset, served):
     table = pq.read_table(sorted((sim_dataset / "test").glob("*.parquet")))
     table = table.filter(table["n_faces"].to_numpy() > 0).slice(0, 10)
     feat, det, quality, offsets = schema.face_arrays(table)
-    x, ok = fusion.qff(feat, det, quality, offsets, fusion.Weighting())
+    x, ok = fusion.qff(feat, det, quality, offsets, WEIGHTING)
     assert ok.all()
     ens = Ensemble.from_run(served["run"])
-    scores = ens.scores(x) / np.float32(sum(WEIGHTS))
+    scores = ens.scores(x) / np.float32(sum(TRAINED_WEIGHTS))
     bodies = [{"clip": table["clip"][i].as_py(), "faces": [
         {"det_score": float(det[f]), "quality_score": float(quality[f]),
          "feature": feat[f].astype(float).tolist(), "frame": 3, "bbox": [1, 2, 30, 40]}
@@ -165,7 +149,7 @@ def test_search_health_and_docs(served, sim_dataset):
         (w["frame_min"], w["frame_max"]) for w in want]
     assert r.json()["index_version"] == 1
     health = client.get("/healthz").json()
-    assert (health["status"], health["members"], health["weights"]) == ("ok", 2, list(WEIGHTS))
+    assert (health["status"], health["members"], health["weights"]) == ("ok", 2, list(TRAINED_WEIGHTS))
     assert health["member_deployments"] == 1  # configs/serve.yaml packs the ensemble
     assert (health["unknown_threshold"], health["threshold_source"]) == (THRESHOLD, "serving.json")
     paths = client.get("/openapi.json").json()["paths"]
@@ -252,7 +236,7 @@ def test_user_config_changes_threshold_weights_top_k_without_redeploy(served, cl
     feat = np.array([f["feature"] for f in body["faces"]], np.float16)
     det = np.array([f["det_score"] for f in body["faces"]], np.float32)
     quality = np.array([f["quality_score"] for f in body["faces"]], np.float32)
-    x, _ = fusion.qff(feat, det, quality, np.array([0, len(feat)]), fusion.Weighting())
+    x, _ = fusion.qff(feat, det, quality, np.array([0, len(feat)]), WEIGHTING)
     _check(answer, only_second.scores(x)[0], k=2, threshold=1.0)
     assert answer["unknown"] and answer["identity"] is None
     served["deploy"]({"top_k": 5})
@@ -284,17 +268,12 @@ def test_one_deployment_per_checkpoint_scores_the_same(served, clips):
         served["deploy"](per_deployment=0)
 
 
-def test_member_groups_and_blend():
-    from rayvid.infer.app import blend, member_groups
+def test_member_groups():  # their blend: run_folder.weighted_mean (tests/test_run_folder.py)
+    from rayvid.infer.app import member_groups
 
     assert member_groups(6, 0) == [[0, 1, 2, 3, 4, 5]]
     assert member_groups(5, 2) == [[0, 1], [2, 3], [4]]
     assert member_groups(3, 1) == [[0], [1], [2]]
-    rng = np.random.default_rng(0)
-    s = rng.random((3, 4, 7), dtype=np.float32)
-    w = [1.0, 0.5, 2.0]
-    sums = [w[0] * s[0] + w[1] * s[1], w[2] * s[2]]  # two groups' weighted sums
-    np.testing.assert_allclose(blend(sums, w), np.tensordot(w, s, 1) / 3.5, rtol=1e-6)
 
 
 def test_cli_bad_run_exits_2_before_starting_ray(tmp_path):

@@ -12,8 +12,8 @@ Deployments, composed through handles (design.md; Ray's model-composition patter
 - `IdentifyIngress`: FastAPI + pydantic (`rayvid.infer.api`). It flattens the request's
   faces, fuses them with `rayvid.core.fusion.qff` and the run's weighting (the one fusion
   implementation training and batch prediction use), `@serve.batch`es concurrent
-  requests into one call per member deployment, adds the groups' weighted sums and
-  divides by the total weight (weighted mean of sigmoids, in [0, 1]), and answers the
+  requests into one call per member deployment, turns the groups' weighted sums into the
+  weighted mean of sigmoids in [0, 1] (`rayvid.model.run_folder.weighted_mean`), and answers the
   top-k identities, or "unknown" when the best score is below the threshold or no face
   is usable (qFF ok=False).
 
@@ -50,7 +50,7 @@ from ray.serve.handle import DeploymentHandle
 
 from rayvid.core import fusion
 from rayvid.infer import person_index as index, predict
-from rayvid.model.ensemble import ENSEMBLE_FILE
+from rayvid.model import run_folder
 from rayvid.infer.api import (
     MAX_BODY_BYTES, MAX_SEARCH_K, AppArgs, BatchRequest, BatchResponse, Clip, Health,
     IdentifyRequest, IdentifyResponse, MemberConfig, SearchResponse, ServingConfig, answers,
@@ -64,15 +64,6 @@ DEFAULT_THRESHOLD = 0.5  # used only when the run has no serving.json
 _RETRIES = 3  # member calls retried after a replica died (Serve routes to a live one)
 
 # ------------------------------------------------------------------ numpy core
-
-
-def blend(group_sums: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Groups' weighted sums of (n, C) sigmoid scores -> their weighted mean, (n, C) float32
-    in [0, 1]; `weights` are all the members' weights (the divisor)."""
-    total = np.array(group_sums[0], dtype=np.float32, copy=True)
-    for s in group_sums[1:]:
-        total += s
-    return total / np.float32(sum(weights))
 
 
 def member_groups(n_members: int, per_deployment: int) -> list[list[int]]:
@@ -182,11 +173,11 @@ class IdentifyIngress:
         self.spec = predict.read_run(run_dir)
         self.members, self.groups = members, groups  # handle g scores checkpoints groups[g]
         self.n_members = sum(len(g) for g in groups)
-        serving = index.read_serving(run_dir) or {}
-        self.defaults = {"unknown_threshold": serving.get("unknown_threshold", DEFAULT_THRESHOLD),
-                         "weights": index.ensemble_weights(run_dir), "top_k": DEFAULT_TOP_K,
+        serving = run_folder.read_serving(run_dir)
+        self.defaults = {"unknown_threshold": serving.unknown_threshold if serving else DEFAULT_THRESHOLD,
+                         "weights": self.spec.ensemble.weights, "top_k": DEFAULT_TOP_K,
                          "index": index_dir}
-        self.threshold_source = "serving.json" if serving else "default"
+        self.threshold_source = run_folder.SERVING_FILE if serving else "default"
         self.index_dir: str | None = None
         self.index: "index.SearchIndex | None" = None
         self.index_stamp: int | None = None
@@ -234,7 +225,7 @@ class IdentifyIngress:
         used = [g for g, idx in enumerate(self.groups) if any(weights[i] > 0 for i in idx)]
         parts = await asyncio.gather(*(
             self._member(g, x, tuple(weights[i] for i in self.groups[g])) for g in used))
-        scores = blend(parts, weights)
+        scores = run_folder.weighted_mean(parts, weights)
         cut = np.cumsum([len(it[3]) for it in items])[:-1]
         return list(zip(np.split(scores, cut), np.split(ok, cut)))
 
@@ -305,11 +296,10 @@ def build_app(run_dir: str | os.PathLike, index_dir: str | os.PathLike | None = 
     Raises predict.PredictError for a missing or malformed run folder.
     """
     run_dir = Path(run_dir).resolve()
-    predict.read_run(run_dir)
-    entries = json.loads((run_dir / ENSEMBLE_FILE).read_text())["members"]
-    groups = member_groups(len(entries), members_per_deployment)
+    dirs = predict.read_run(run_dir).ensemble.member_dirs(run_dir)
+    groups = member_groups(len(dirs), members_per_deployment)
     handles = [EnsembleMember.options(name=f"member-{g}", **(members or {}))
-               .bind([str(run_dir / entries[i]["path"]) for i in idx])
+               .bind([str(dirs[i]) for i in idx])
                for g, idx in enumerate(groups)]
     index_dir = str(Path(index_dir).resolve()) if index_dir else None
     return IdentifyIngress.options(**(ingress or {})).bind(str(run_dir), handles, groups, index_dir)

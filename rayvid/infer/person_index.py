@@ -8,8 +8,10 @@ calibrated "other/unknown" threshold that `/identify` uses.
 
 Scoring reuses `rayvid.infer.predict` (qFF by `ClipTransform`, `EnsembleScorer` actors, the
 per-batch candidates folded into a running `TopKPerIdentity`), so no (clips x classes)
-matrix is ever held. Scores are the ensemble's weighted mean of sigmoids in [0, 1] (the
-`Ensemble.scores` sum divided by the sum of weights), the units of `/identify`.
+matrix is ever held. Scores are the ensemble's weighted mean of sigmoids in [0, 1]
+(`rayvid.model.run_folder.weighted_mean` of the `Ensemble.scores` sum), the units of
+`/identify`. The run's `ensemble.json` and `serving.json` are read and written by
+`rayvid.model.run_folder`.
 
     INDEX/
       part-00000.parquet   # identity int32, clip string, score float32, frame_min, frame_max
@@ -44,7 +46,9 @@ import pyarrow.parquet as pq
 from rayvid.data import pipeline as data
 from rayvid.infer import predict
 from rayvid.release import schema
-from rayvid.model.ensemble import ENSEMBLE_FILE
+from rayvid.model import run_folder
+from rayvid.model.run_folder import read_serving  # noqa: F401  (jobs call index.read_serving)
+from rayvid.core.atomic import write_json
 from rayvid.core.metrics import top_keys, unpack_rank_keys
 from rayvid.core.submission import TopKPerIdentity
 
@@ -54,7 +58,6 @@ INDEX_SCHEMA = pa.schema([("identity", pa.int32()), ("clip", pa.string()),
                           ("score", pa.float32()), ("frame_min", pa.int32()),
                           ("frame_max", pa.int32())])
 MANIFEST_FILE = "_manifest.json"
-SERVING_FILE = "serving.json"
 DEFAULT_K = 100
 FORMAT_NAME = "rayvid-index"
 
@@ -112,27 +115,6 @@ def threshold_for(best: np.ndarray, known: np.ndarray,
     return {"threshold": t, "f1": float(f1[i]), "tpr": float(tp[i] / n_known),
             "far": float(fp[i] / n_noise), "known": n_known, "noise": n_noise,
             "method": "max_f1" if target_far is None else f"far<={target_far}"}
-
-
-# ------------------------------------------------------------------ run helpers
-
-
-def ensemble_weights(run_dir: str | os.PathLike) -> list[float]:
-    """The members' blend weights from `RUN/ensemble.json` (after `predict.read_run`)."""
-    spec = json.loads((Path(run_dir) / ENSEMBLE_FILE).read_text())
-    return [float(m.get("weight", 1.0)) for m in spec["members"]]
-
-
-def read_serving(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """`RUN/serving.json` (calibrated threshold), or None when not calibrated yet."""
-    path = Path(run_dir) / SERVING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ Ray adapter
@@ -195,7 +177,7 @@ def score_library(run_dir: str | os.PathLike, dataset: str | os.PathLike, split:
     frame_min, frame_max = _frame_columns(dataset, split, clips)
     table = pa.table({
         "identity": identity[filled], "clip": pa.array(clips, pa.string()),
-        "score": score[filled] / np.float32(sum(ensemble_weights(run_dir))),
+        "score": run_folder.weighted_mean(score[filled], spec.ensemble.weights),
         "frame_min": frame_min, "frame_max": frame_max}, schema=INDEX_SCHEMA)
     return table, len(names)
 
@@ -230,7 +212,7 @@ def _write_index(index_dir: Path, table: pa.Table, manifest: dict[str, Any],
     try:
         for i, lo in enumerate(range(0, max(table.num_rows, 1), rows_per_part)):
             pq.write_table(table.slice(lo, rows_per_part), tmp / f"part-{i:05d}.parquet")
-        _write_json(tmp / MANIFEST_FILE, {**manifest, "rows": table.num_rows})
+        write_json(tmp / MANIFEST_FILE, {**manifest, "rows": table.num_rows})
         if index_dir.exists():
             old = index_dir.parent / f".{index_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(index_dir, old)
@@ -254,9 +236,10 @@ def build_index(run_dir: str | os.PathLike, dataset: str | os.PathLike, split: s
     run_dir = Path(run_dir).resolve()
     table, n = score_library(run_dir, dataset, split, k=k, batch_size=batch_size,
                              num_actors=num_actors)
+    spec = predict.read_run(run_dir)
     manifest = {"format": FORMAT_NAME, "version": 1, "run": str(run_dir), "k": k,
-                "num_classes": predict.read_run(run_dir).num_classes,
-                "weights": ensemble_weights(run_dir), "sources": [_source(dataset, split, n, 1)]}
+                "num_classes": spec.num_classes, "weights": spec.ensemble.weights,
+                "sources": [_source(dataset, split, n, 1)]}
     _write_index(Path(index_dir), table, manifest)
     return {**manifest, "rows": table.num_rows}
 
@@ -275,7 +258,7 @@ def update_index(index_dir: str | os.PathLike, dataset: str | os.PathLike, split
     if any((s["dataset"], s["split"]) == (source["dataset"], split) for s in manifest["sources"]):
         raise SearchIndexError(f"{source['dataset']} split {split!r} is already in {index_dir}; "
                                "build a new index to re-score it")
-    if ensemble_weights(run_dir) != manifest["weights"]:
+    if predict.read_run(run_dir).ensemble.weights != manifest["weights"]:
         raise SearchIndexError(f"run {run_dir}: ensemble weights changed since the index was built")
     new, n = score_library(run_dir, dataset, split, k=manifest["k"], batch_size=batch_size,
                            num_actors=num_actors)
@@ -347,7 +330,7 @@ def calibrate(run_dir: str | os.PathLike, dataset: str | os.PathLike | None = No
     """
     run_dir = Path(run_dir).resolve()
     dataset = Path(dataset).resolve() if dataset else run_dir / "dataset"
-    predict.read_run(run_dir)
+    weights = predict.read_run(run_dir).ensemble.weights
     predict.check_split(dataset, split)
     scored = _per_clip(run_dir, dataset, split, batch_size, num_actors)
     labels = pq.read_table(data.split_paths(dataset, [split]), columns=["clip", "label"])
@@ -355,16 +338,15 @@ def calibrate(run_dir: str | os.PathLike, dataset: str | os.PathLike | None = No
     label = pc.fill_null(labels["label"], -1).to_numpy()[at.astype(np.int64)]
     ids = np.array(scored["top_ids"].to_pylist(), dtype=np.int64)
     vals = np.array(scored["top_scores"].to_pylist(), dtype=np.float64)
-    best = np.where(ids != 0, vals, -np.inf).max(axis=1) / sum(ensemble_weights(run_dir))
+    best = run_folder.weighted_mean(np.where(ids != 0, vals, -np.inf).max(axis=1), weights)
     best[~scored["ok"].to_numpy(zero_copy_only=False)] = -np.inf
     labelled = label >= 0
     result = threshold_for(best[labelled], label[labelled] > 0, target_far)
     if result is None:
         log.warning("calibrate: %s/%s has no known or no noise clips; %s not written",
-                    dataset, split, SERVING_FILE)
+                    dataset, split, run_folder.SERVING_FILE)
         return None
-    out = {"unknown_threshold": result.pop("threshold"),
-           "calibration": {**result, "dataset": str(dataset), "split": split,
-                           "clips": int(labelled.sum())}}
-    _write_json(run_dir / SERVING_FILE, out)
-    return out
+    serving = run_folder.ServingSpec(result.pop("threshold"), {
+        **result, "dataset": str(dataset), "split": split, "clips": int(labelled.sum())})
+    run_folder.write_serving(run_dir, serving)
+    return serving.to_json()

@@ -4,7 +4,7 @@
                             per_clip_path="out/test_top5.parquet")
 
 Ray Data reads the split, `rayvid.data.pipeline.ClipTransform(mode="qff")` fuses every clip's faces
-with the weighting recorded in the run's `ensemble.json`, and `EnsembleScorer` actors (one
+with the weighting recorded in the run's `ensemble.json` (`rayvid.model.run_folder`), and `EnsembleScorer` actors (one
 GPU each when the cluster has GPUs) score the clips with `rayvid.model.ensemble.Ensemble`. Per
 batch an actor returns, per clip, its top-k classes and its *candidates*: the (identity,
 score) pairs for which the clip is in the batch's own top-100 of that identity. No other
@@ -19,7 +19,6 @@ Job: `python jobs/predict.py --run RUN --dataset DATASET --split test --out SUBM
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -36,8 +35,7 @@ import pyarrow.parquet as pq
 
 from rayvid.data import pipeline as data
 from rayvid.release import schema
-from rayvid.model.checkpoints import read_model_config
-from rayvid.model.ensemble import ENSEMBLE_FILE, Ensemble
+from rayvid.model import run_folder
 from rayvid.core.fusion import Weighting
 from rayvid.core.metrics import (MAX_RANK, GroundTruthError, rank_keys, read_gt, score_files,
                             top_keys, unpack_rank_keys)
@@ -126,46 +124,43 @@ def score_table(clips: np.ndarray, ok: np.ndarray, scores: np.ndarray, top_k_cli
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What prediction needs from a run folder's `ensemble.json`."""
+    """What prediction needs from a run folder: its `ensemble.json`, checked."""
 
     run_dir: Path
     num_classes: int
     members: int
     weighting: Weighting
+    ensemble: run_folder.EnsembleSpec
 
 
 def read_run(run_dir: str | os.PathLike) -> RunSpec:
     """Check `run_dir/ensemble.json` and its members' configs without loading weights."""
+    from rayvid.model.checkpoints import read_model_config  # torch: not at import (infer.api)
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PredictError(f"run folder {run_dir} does not exist")
-    if not (run_dir / ENSEMBLE_FILE).is_file():
-        raise PredictError(f"run {run_dir} has no {ENSEMBLE_FILE} (is training finished?)")
     try:
-        spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
-        paths = [run_dir / m["path"] for m in spec["members"]]
-        classes = {int(read_model_config(p)["num_classes"]) for p in paths}
-        declared = spec.get("num_classes")
+        ens = run_folder.read_ensemble(run_dir)
+    except run_folder.RunFolderError as e:
+        raise PredictError(str(e)) from None
+    try:
+        classes = {int(read_model_config(p)["num_classes"]) for p in ens.member_dirs(run_dir)}
     except FileNotFoundError as e:
         raise PredictError(f"run {run_dir}: {e}") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise PredictError(f"run {run_dir}: malformed {ENSEMBLE_FILE}: "
+    except (ValueError, KeyError, TypeError) as e:
+        raise PredictError(f"run {run_dir}: a member's model config is malformed: "
                            f"{type(e).__name__}: {e}") from None
-    if len(classes) != 1 or declared not in (None, *classes):
-        raise PredictError(f"run {run_dir}: {ENSEMBLE_FILE} needs >= 1 member, all with the "
-                           f"same num_classes (members: {sorted(classes)}, file: {declared})")
-    return RunSpec(run_dir, classes.pop(), len(paths), _weighting(run_dir, spec))
-
-
-def _weighting(run_dir: Path, spec: dict) -> Weighting:
-    """The qFF weighting the members were trained for, default `Weighting()`."""
-    if spec.get("weighting") is None:
-        log.warning("run %s: %s records no weighting; using the default", run_dir, ENSEMBLE_FILE)
-        return Weighting()
-    try:
-        return Weighting.from_dict(spec["weighting"])
-    except (ValueError, TypeError, AttributeError) as e:
-        raise PredictError(f"run {run_dir}: {ENSEMBLE_FILE}: {e}") from None
+    if len(classes) != 1 or ens.num_classes not in (None, *classes):
+        raise PredictError(f"run {run_dir}: {run_folder.ENSEMBLE_FILE} needs members that all "
+                           f"have the same num_classes (members: {sorted(classes)}, "
+                           f"file: {ens.num_classes})")
+    weighting = ens.weighting
+    if weighting is None:
+        log.warning("run %s: %s records no weighting; using the default", run_dir,
+                    run_folder.ENSEMBLE_FILE)
+        weighting = Weighting()
+    return RunSpec(run_dir, classes.pop(), len(ens.members), weighting, ens)
 
 
 def check_split(dataset_dir: str | os.PathLike, split: str) -> dict[str, Any]:
@@ -212,6 +207,8 @@ class EnsembleScorer:
 
     def __init__(self, run_dir: str, top_k_clip: int, top_k_identity: int, use_gpu: bool):
         import torch
+
+        from rayvid.model.ensemble import Ensemble  # torch is imported in the actor only
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if use_gpu and device == "cpu":

@@ -3,21 +3,16 @@
     ens = Ensemble.from_run("runs/exp1")       # reads runs/exp1/ensemble.json
     scores = ens.scores(clip_feats)            # (n, 512) float32 -> (n, C) float32
 
-`ensemble.json` (written by `jobs/train.py`):
-
-    {"members": [{"path": "folds/0/M5/best", "weight": 1.0}, ...], "weighting": {...}, ...}
-
-with member paths relative to the run folder; the other keys (e.g. the qFF weighting the
-members expect) are kept in `Ensemble.info`. Pure torch, no Ray: Ray Data batch prediction
-and Ray Serve both wrap this class.
+The run folder's `ensemble.json` (members, weights, the qFF weighting) is read by
+`rayvid.model.run_folder`; its keys other than the members are kept in `Ensemble.info`.
+`scores` is the weighted *sum*; `run_folder.weighted_mean` turns it into the [0, 1] mean.
+Pure torch, no Ray: Ray Data batch prediction and Ray Serve both wrap this class.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +20,7 @@ import torch
 from torch import nn
 
 from rayvid.model.checkpoints import load_model
-
-ENSEMBLE_FILE = "ensemble.json"
+from rayvid.model.run_folder import read_ensemble
 
 
 class Ensemble:
@@ -73,19 +67,12 @@ class Ensemble:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any) -> "Ensemble":
-        """Load the members listed in `run_dir/ensemble.json` (paths relative to `run_dir`)."""
-        run_dir = Path(run_dir)
-        path = run_dir / ENSEMBLE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"run {run_dir}: missing {ENSEMBLE_FILE}")
-        spec = json.loads(path.read_text())
-        entries = spec.get("members")
-        if not entries:
-            raise ValueError(f"run {run_dir}: {ENSEMBLE_FILE} lists no members")
-        dirs = [run_dir / e["path"] for e in entries]
-        weights = [float(e.get("weight", 1.0)) for e in entries]
-        info = {k: v for k, v in spec.items() if k != "members"}
-        return cls.from_dirs(dirs, weights, device=device, info=info, **kwargs)
+        """Load the members listed in `run_dir/ensemble.json` with their weights.
+        Raises `run_folder.RunFolderError` for a missing or malformed file."""
+        spec = read_ensemble(run_dir)
+        info = {k: v for k, v in spec.to_json().items() if k != "members"}
+        return cls.from_dirs(spec.member_dirs(run_dir), spec.weights, device=device, info=info,
+                             **kwargs)
 
     @property
     def num_classes(self) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rayvid.data import pipeline as rdata
 from rayvid.config import to_dict
-from rayvid.model.ensemble import ENSEMBLE_FILE
+from rayvid.model import run_folder
 from rayvid.train.config import TrainJobConfig
 from rayvid.train.worker import RESULT_FILE, FoldPlan, plan_fold, train_loop_per_worker
 
@@ -153,20 +153,15 @@ def fit_prototype(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path,
 
 def write_ensemble(cfg: TrainJobConfig, run_dir: str | Path, results: list[dict],
                    num_classes: int, prototype: Path | None = None) -> Path:
-    """`ensemble.json`: members (best checkpoint of every fold x arch, plus the prototype
-    head weighted `model.prototype_weight` x the MLPs' total) + the qFF weighting."""
+    """`ensemble.json` (`rayvid.model.run_folder`): members (best checkpoint of every fold x
+    arch, plus the prototype head weighted `model.prototype_weight` x the MLPs' total) + the
+    qFF weighting."""
     run_dir = Path(run_dir).resolve()
-    members = [{"path": str(Path(r["best"]).resolve().relative_to(run_dir)), "weight": 1.0,
-                "fold": r["fold"], "arch": r["arch"], "fold_map": r["best_map"]}
+    members = [run_folder.Member(str(Path(r["best"]).resolve().relative_to(run_dir)), 1.0,
+                                 fold=r["fold"], arch=r["arch"], fold_map=r["best_map"])
                for r in results]
     if prototype is not None:
-        members.append({"path": str(prototype.relative_to(run_dir)), "arch": "prototype",
-                        "weight": cfg.model.prototype_weight * max(len(results), 1)})
-    spec = {"members": members,
-            "weighting": dataclasses.asdict(cfg.fusion.weighting),
-            "num_classes": num_classes}
-    path = run_dir / ENSEMBLE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(spec, indent=2))
-    tmp.replace(path)
-    return path
+        members.append(run_folder.Member(str(prototype.relative_to(run_dir)), arch="prototype",
+                                         weight=cfg.model.prototype_weight * max(len(results), 1)))
+    spec = run_folder.EnsembleSpec(tuple(members), cfg.fusion.weighting, num_classes)
+    return run_folder.write_ensemble(run_dir, spec)
