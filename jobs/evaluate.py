@@ -37,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(EvaluateJobConfig, args.config, args.set,
                           flags={k: v for k, v in vars(args).items() if k in EvaluateJobConfig.model_fields})
+    except ConfigError as e:
+        print(f"evaluate: config error: {e}", file=sys.stderr)
+        return 2
+    try:
         gt = metrics.read_gt(cfg.gt, cfg.max_id)
         submission = metrics.read_submission(cfg.submission)
-    except (OSError, ValueError) as e:  # ConfigError is a ValueError
+    except (OSError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     if extra := len(submission.keys() - gt.keys()):

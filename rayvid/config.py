@@ -16,6 +16,7 @@ print once and save next to their outputs and inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -36,8 +37,8 @@ class ConfigError(ValueError):
 
 
 class Config(BaseModel):
-    """Base of every rayvid config: frozen, unknown keys rejected, numbers not taken for
-    true/false (YAML reads `yes`/`no` as booleans, pydantic would read them as 1/0)."""
+    """Base of every rayvid config: frozen, unknown keys rejected, and true/false never
+    taken for a number (YAML reads `yes`/`no`/`on` as booleans; pydantic would make them 1/0)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True,
                               validate_default=False)
@@ -263,8 +264,7 @@ def smoke_overrides(job: str) -> list[str]:
     data = read_yaml(SMOKE_FILE)
     if job not in data:
         raise ConfigError(f"{SMOKE_FILE}: no section {job!r} (has: {', '.join(data)})")
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in _flatten(data[job] or {}).items()]
+    return [f"{key}={json.dumps(value)}" for key, value in _flatten(data[job] or {}).items()]
 
 
 def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:

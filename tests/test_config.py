@@ -216,3 +216,25 @@ def test_sim_params_with_overrides_is_checked():
         SimParams.with_overrides(faces_per_clipp=5)
     with pytest.raises(ConfigError, match=r"noise_fraction: .*less than 1"):
         SimParams.with_overrides(noise_fraction=1.0)
+
+
+def test_job_takes_config_file_flags_and_set_in_that_order(tmp_path):
+    """jobs/simulate.py: the file, then the job's flags, then --set (the later wins)."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "sim.yaml").write_text(f"out: {tmp_path / 'a'}\nids: 4\nseed: 5\n"
+                                       "params: {faces_per_clip: 2.0, noise_fraction: 0.3}\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "simulate.py"), "--config",
+                           str(tmp_path / "sim.yaml"), "--ids", "3", "--set", "ids=2",
+                           "--faces-per-clip", "3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "a" / "_simulator" / "params.json").read_text())
+    assert (meta["ids"], meta["seed"]) == (2, 5)
+    assert (meta["params"]["faces_per_clip"], meta["params"]["noise_fraction"]) == (3.0, 0.3)
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "prepare.py"), "--release", "r",
+                          "--set", "workerz=2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "prepare: config error: unknown config key: workerz (known at that level: bucket_mib, "
+        "force, on_bad_clip, out, release, workers)"]
