@@ -120,6 +120,7 @@ def test_wrong_type_in_a_file_names_the_file(tmp_path):
     (TrainJobConfig, ["loss.stages=best"], r"unknown loss preset 'best'"),
     (TrainJobConfig, ["folds.k=3", "folds.run=[0, 3]"], r"folds.run \(0, 3\): folds must be .* in 0..2"),
     (TrainJobConfig, ["model.archs=[M5, M9]"], r"model.archs: unknown model\(s\) \['M9'\]"),
+    (TrainJobConfig, ["data.dataset=d", "data.release=r"], r"data.dataset and release are both given"),
     (TrainJobConfig, ["fusion.cuts=[0, 30, 20, 40]"], r"fusion: band cuts must be ascending"),
     (TuneJobConfig, ["base.qfda.n_draws=2"], r"base.qfda.sizes \(1, 3, 5\) must be <= n_draws=2"),
     (TuneJobConfig, ["base.folds.k=2", "search.fold=2"], r"search.fold 2 is not a fold of base.folds.k=2"),

@@ -34,6 +34,13 @@ class DataSection(Config):
     simulate_faces_per_clip: float = Field(12.0, gt=0)
     eval_split: Literal["val", "test"] = "val"  # predicted and scored at the end (val has a gt)
 
+    @model_validator(mode="after")
+    def _check(self) -> "DataSection":
+        if self.dataset and self.release:  # rayvid.train.job would use the dataset, silently
+            raise ValueError(f"dataset and release are both given ({self.dataset!r}, "
+                             f"{self.release!r}): a prepared dataset, or a release to prepare")
+        return self
+
 
 class GateSection(Config):
     """Training-time gate (their code: det >= 0.7 and quality >= 25; write-up 0.8 / 30)."""
