@@ -1,6 +1,7 @@
 """Score a submission with the official iQIYI-VID-2019 mAP (`rayvid.core.metrics`).
 
     python jobs/evaluate.py --gt val_gt.txt --submission submission.txt [--per-id-csv ap.csv]
+    python jobs/evaluate.py --config eval.yaml --set max_id=100   # keys: rayvid/infer/config.py
 
 Prints `mAP 0.XXXX over N identities` and the 5 worst identities; exits 2 with a one-line
 error on a malformed or missing file.
@@ -14,22 +15,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from rayvid.config import ConfigError, load_config  # noqa: E402
 from rayvid.core import metrics  # noqa: E402
+from rayvid.infer.config import EvaluateJobConfig  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gt", required=True, help="val_gt.txt-format file")
-    parser.add_argument("--submission", required=True, help="submission file")
-    parser.add_argument("--per-id-csv", help="write id,ap,n_relevant per gt identity here")
-    parser.add_argument("--max-id", type=int, default=metrics.NUM_IDENTITIES)
+    S = argparse.SUPPRESS  # flags left out keep the config's value
+    parser.add_argument("--config", help="YAML of EvaluateJobConfig keys (rayvid/infer/config.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    parser.add_argument("--gt", default=S, help="val_gt.txt-format file")
+    parser.add_argument("--submission", default=S, help="submission file")
+    parser.add_argument("--per-id-csv", default=S, help="write id,ap,n_relevant per gt identity here")
+    parser.add_argument("--max-id", type=int, default=S, help=f"largest identity id ({metrics.NUM_IDENTITIES})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        gt = metrics.read_gt(args.gt, args.max_id)
-        submission = metrics.read_submission(args.submission)
+        cfg = load_config(EvaluateJobConfig, args.config, args.set,
+                          flags={k: v for k, v in vars(args).items() if k in EvaluateJobConfig.model_fields})
+    except ConfigError as e:
+        print(f"evaluate: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        gt = metrics.read_gt(cfg.gt, cfg.max_id)
+        submission = metrics.read_submission(cfg.submission)
     except (OSError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -39,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mAP {result.map:.4f} over {len(gt)} identities")
     for identity, ap in result.worst(5):
         print(f"  worst: id {identity}  AP {ap:.4f}  |G| {len(gt[identity])}")
-    if args.per_id_csv:
-        with open(args.per_id_csv, "w", newline="") as f:
+    if cfg.per_id_csv:
+        with open(cfg.per_id_csv, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["id", "ap", "n_relevant"])
             for identity, ap in sorted(result.per_id.items()):

@@ -2,6 +2,7 @@
 
     python jobs/index.py --run runs/rayvid --dataset runs/rayvid/dataset --split test --out index/
     python jobs/index.py --run runs/rayvid --dataset data/new-clips --split test --out index/ --update
+    python jobs/index.py --config index.yaml --set k=50        # keys: rayvid/infer/config.py
 
 Ray Data batch inference over a prepared split with the run's ensemble (qFF, the
 `rayvid.infer.predict` scorer); keeps each identity's top `--k` clips with scores and frame
@@ -20,52 +21,64 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from rayvid.config import ConfigError, load_config  # noqa: E402
 from rayvid.infer import person_index as index, predict  # noqa: E402
+from rayvid.infer.config import IndexJobConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="run folder with ensemble.json")
-    p.add_argument("--dataset", required=True, help="prepared dataset holding the clip library")
-    p.add_argument("--split", default="test", help="split of --dataset to index")
-    p.add_argument("--out", required=True, help="index folder")
-    p.add_argument("--update", action="store_true", help="add --split to the existing index")
-    p.add_argument("--k", type=int, default=index.DEFAULT_K, help="clips kept per identity")
-    p.add_argument("--batch-size", type=int, default=4096, help="clips per scoring batch")
-    p.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU)")
-    p.add_argument("--calibrate", action="store_true", help="recalibrate RUN/serving.json")
-    p.add_argument("--calibration-dataset", help="dataset with a labelled val split")
-    p.add_argument("--target-far", type=float, help="calibrate at this false-accept rate "
-                                                    "(default: the max-F1 threshold)")
+    S = argparse.SUPPRESS  # flags left out keep the config's value
+    p.add_argument("--config", help="YAML of IndexJobConfig keys (rayvid/infer/config.py)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set k=50 (repeatable)")
+    p.add_argument("--run", default=S, help="run folder with ensemble.json")
+    p.add_argument("--dataset", default=S, help="prepared dataset holding the clip library")
+    p.add_argument("--split", default=S, help="split of --dataset to index (test)")
+    p.add_argument("--out", default=S, help="index folder")
+    p.add_argument("--update", action="store_true", default=S, help="add --split to the existing index")
+    p.add_argument("--k", type=int, default=S, help=f"clips kept per identity ({index.DEFAULT_K})")
+    p.add_argument("--batch-size", type=int, default=S, help="clips per scoring batch (4096)")
+    p.add_argument("--num-actors", type=int, default=S, help="scoring actors (default: one per GPU)")
+    p.add_argument("--calibrate", action="store_true", default=S, help="recalibrate RUN/serving.json")
+    p.add_argument("--calibration-dataset", default=S, help="dataset with a labelled val split")
+    p.add_argument("--target-far", type=float, default=S, help="calibrate at this false-accept rate "
+                                                               "(default: the max-F1 threshold)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(IndexJobConfig, args.config, args.set,
+                          flags={k: v for k, v in vars(args).items() if k in IndexJobConfig.model_fields})
+    except ConfigError as e:
+        print(f"index: config error: {e}", file=sys.stderr)
+        return 2
     try:  # check the inputs before starting Ray
-        predict.read_run(args.run)
-        predict.check_split(args.dataset, args.split)
-        if args.update and index.read_manifest(args.out)["run"] != str(Path(args.run).resolve()):
-            raise index.SearchIndexError(f"{args.out} was built with run "
-                                         f"{index.read_manifest(args.out)['run']}, not {args.run}")
+        predict.read_run(cfg.run)
+        predict.check_split(cfg.dataset, cfg.split)
+        if cfg.update and index.read_manifest(cfg.out)["run"] != str(Path(cfg.run).resolve()):
+            raise index.SearchIndexError(f"{cfg.out} was built with run "
+                                         f"{index.read_manifest(cfg.out)['run']}, not {cfg.run}")
         import ray
 
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
-        if args.update:
-            manifest = index.update_index(args.out, args.dataset, args.split,
-                                          batch_size=args.batch_size, num_actors=args.num_actors)
+        if cfg.update:
+            manifest = index.update_index(cfg.out, cfg.dataset, cfg.split,
+                                          batch_size=cfg.batch_size, num_actors=cfg.num_actors)
         else:
-            manifest = index.build_index(args.run, args.dataset, args.split, args.out, k=args.k,
-                                         batch_size=args.batch_size, num_actors=args.num_actors)
-        cal_ds = Path(args.calibration_dataset or Path(args.run) / "dataset")
-        if (args.calibrate or index.read_serving(args.run) is None) and (cal_ds / "val").is_dir():
-            cal = index.calibrate(args.run, cal_ds, "val", target_far=args.target_far,
-                                  batch_size=args.batch_size, num_actors=args.num_actors)
+            manifest = index.build_index(cfg.run, cfg.dataset, cfg.split, cfg.out, k=cfg.k,
+                                         batch_size=cfg.batch_size, num_actors=cfg.num_actors)
+        cal_ds = Path(cfg.calibration_dataset or Path(cfg.run) / "dataset")
+        if (cfg.calibrate or index.read_serving(cfg.run) is None) and (cal_ds / "val").is_dir():
+            cal = index.calibrate(cfg.run, cal_ds, "val", target_far=cfg.target_far,
+                                  batch_size=cfg.batch_size, num_actors=cfg.num_actors)
             print(f"calibrated: {json.dumps(cal)}" if cal else "not calibrated (no noise clips)")
     except (predict.PredictError, index.SearchIndexError, OSError) as e:
         print(f"index: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in manifest.items() if k != "weights"}))
     src = manifest["sources"][-1]
-    print(f"index {args.out} version {manifest['version']}: {manifest['rows']} rows "
+    print(f"index {cfg.out} version {manifest['version']}: {manifest['rows']} rows "
           f"(top {manifest['k']} of {manifest['num_classes'] - 1} identities); "
           f"scored {src['clips']} clips of {src['dataset']}/{src['split']}")
     return 0

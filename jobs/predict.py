@@ -2,6 +2,7 @@
 
     python jobs/predict.py --run runs/exp1 --dataset data/iqiyi-ds --split test \
         --out out/submission.txt [--per-clip out/test_top5.parquet] [--gt val_gt.txt]
+    python jobs/predict.py --config predict.yaml --set split=val   # keys: rayvid/infer/config.py
 
 Attaches to the Ray cluster of `RAY_ADDRESS` / `ray start` (as under `ray job submit`), else
 starts a local one; run it from the repo root so Ray's workers import the same `rayvid`.
@@ -17,32 +18,45 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from rayvid.config import ConfigError, load_config  # noqa: E402
 from rayvid.infer import predict  # noqa: E402
+from rayvid.infer.config import PredictJobConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="run folder with ensemble.json")
-    parser.add_argument("--dataset", required=True, help="prepared dataset folder")
-    parser.add_argument("--split", required=True, choices=["val", "test"])
-    parser.add_argument("--out", required=True, help="submission file to write")
-    parser.add_argument("--per-clip", help="Parquet of every clip's top-k classes and scores")
-    parser.add_argument("--top-k-clip", type=int, default=5, help="classes per clip in --per-clip")
-    parser.add_argument("--gt", help="val_gt.txt-format file to score the submission against")
-    parser.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU)")
-    parser.add_argument("--batch-size", type=int, default=4096, help="clips per scoring batch")
+    S = argparse.SUPPRESS  # flags left out keep the config's value
+    parser.add_argument("--config", help="YAML of PredictJobConfig keys (rayvid/infer/config.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set batch_size=1024 (repeatable)")
+    parser.add_argument("--run", default=S, help="run folder with ensemble.json")
+    parser.add_argument("--dataset", default=S, help="prepared dataset folder")
+    parser.add_argument("--split", default=S, choices=["val", "test"])
+    parser.add_argument("--out", default=S, help="submission file to write")
+    parser.add_argument("--per-clip", default=S,
+                        help="Parquet of every clip's top-k classes and scores")
+    parser.add_argument("--top-k-clip", type=int, default=S, help="classes per clip in --per-clip (5)")
+    parser.add_argument("--gt", default=S, help="val_gt.txt-format file to score the submission against")
+    parser.add_argument("--num-actors", type=int, default=S, help="scoring actors (default: one per GPU)")
+    parser.add_argument("--batch-size", type=int, default=S, help="clips per scoring batch (4096)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(PredictJobConfig, args.config, args.set,
+                          flags={k: v for k, v in vars(args).items() if k in PredictJobConfig.model_fields})
+    except ConfigError as e:
+        print(f"predict: config error: {e}", file=sys.stderr)
+        return 2
     try:  # check the inputs before starting or attaching to Ray
-        predict.read_run(args.run)
-        predict.find_gt(predict.check_split(args.dataset, args.split), args.split, args.gt)
+        predict.read_run(cfg.run)
+        predict.find_gt(predict.check_split(cfg.dataset, cfg.split), cfg.split, cfg.gt)
         import ray
 
         ray.init()
         summary = predict.predict_split(
-            args.run, args.dataset, args.split, args.out, per_clip_path=args.per_clip,
-            top_k_clip=args.top_k_clip, batch_size=args.batch_size, num_actors=args.num_actors,
-            gt_path=args.gt)
+            cfg.run, cfg.dataset, cfg.split, cfg.out, per_clip_path=cfg.per_clip,
+            top_k_clip=cfg.top_k_clip, batch_size=cfg.batch_size, num_actors=cfg.num_actors,
+            gt_path=cfg.gt)
     except (predict.PredictError, OSError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
     python jobs/prepare.py --release data/iqiyi --out data/iqiyi-ds [--on-bad-clip skip] [--force]
                            [--workers N]
     python jobs/prepare.py --smoke-test          # simulate a tiny release and convert it (~30 s)
+    python jobs/prepare.py --config prep.yaml --set workers=2   # keys: rayvid/release/config.py
 
 Bounded memory per process (an external hash join, see rayvid/prepare.py); `--workers N`
 processes read pickles and write buckets side by side (default: one per CPU, at most 4;
@@ -21,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
 
+from rayvid.config import ConfigError, load_config, smoke_overrides  # noqa: E402
+from rayvid.release.config import PrepareJobConfig, SimulateJobConfig  # noqa: E402
 from rayvid.release.prepare import (DatasetExistsError, children_peak_rss_bytes,  # noqa: E402
-                            default_workers, peak_rss_bytes, prepare_release)
+                            peak_rss_bytes, prepare_release)
 from rayvid.release.schema import DatasetFormatError  # noqa: E402
 from rayvid.release.pickle_reader import ReleaseFormatError  # noqa: E402
 
@@ -44,42 +47,51 @@ def show(event: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--release", help="release folder (face_train_v2.pickle, train_gt.txt, ...)")
-    ap.add_argument("--out", help="dataset folder to write")
-    ap.add_argument("--on-bad-clip", choices=("fail", "skip"), default="fail")
-    ap.add_argument("--force", action="store_true", help="rebuild an existing dataset")
-    ap.add_argument("--bucket-mib", type=int, default=64, help="target spill bucket size")
-    ap.add_argument("--workers", type=int, default=default_workers(),
+    S = argparse.SUPPRESS  # flags left out keep the config's value
+    ap.add_argument("--config", help="YAML of PrepareJobConfig keys (rayvid/release/config.py)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set workers=2 (repeatable)")
+    ap.add_argument("--release", default=S, help="release folder (face_train_v2.pickle, train_gt.txt, ...)")
+    ap.add_argument("--out", default=S, help="dataset folder to write")
+    ap.add_argument("--on-bad-clip", choices=("fail", "skip"), default=S)
+    ap.add_argument("--force", action="store_true", default=S, help="rebuild an existing dataset")
+    ap.add_argument("--bucket-mib", type=int, default=S, help="target spill bucket size (64)")
+    ap.add_argument("--workers", type=int, default=S,
                     help="processes reading and writing side by side (default: CPUs, at most "
                     "4; 1: all in this process)")
-    ap.add_argument("--smoke-test", action="store_true", help="simulate 30 ids and convert them")
+    ap.add_argument("--smoke-test", action="store_true",
+                    help="simulate a tiny release and convert it (configs/smoke.yaml `prepare`)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.smoke_test:
-        from rayvid.release.simulator import simulate_release
-
-        tmp = tempfile.mkdtemp(prefix="rayvid-prepare-smoke-")
-        args.release, args.out = f"{tmp}/release", args.out or f"{tmp}/dataset"
-        simulate_release(args.release, ids=30, seed=0, faces_per_clip=6)
-    elif not (args.release and args.out):
-        ap.error("--release and --out are required (or --smoke-test)")
+    flags = {k: v for k, v in vars(args).items() if k in PrepareJobConfig.model_fields}
     try:
-        if args.workers < 1:
-            ap.error(f"--workers must be >= 1, got {args.workers}")
-        meta = prepare_release(args.release, args.out, on_bad_clip=args.on_bad_clip,
-                               force=args.force, bucket_bytes=args.bucket_mib * MiB, progress=show,
-                               workers=args.workers)
+        if args.smoke_test:
+            from rayvid.release.simulator import simulate_release
+
+            tmp = tempfile.mkdtemp(prefix="rayvid-prepare-smoke-")
+            sim = load_config(SimulateJobConfig, None, smoke_overrides("prepare"),
+                              flags={"out": f"{tmp}/release"})
+            simulate_release(sim.out, ids=sim.ids, seed=sim.seed, **sim.params.as_dict())
+            flags = {**flags, "release": sim.out, "out": flags.get("out", f"{tmp}/dataset")}
+        cfg = load_config(PrepareJobConfig, args.config, args.set, flags=flags)
+    except ConfigError as e:
+        print(f"prepare: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        meta = prepare_release(cfg.release, cfg.out, on_bad_clip=cfg.on_bad_clip,
+                               force=cfg.force, bucket_bytes=cfg.bucket_mib * MiB, progress=show,
+                               workers=cfg.workers)
     except (ReleaseFormatError, DatasetExistsError, DatasetFormatError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     if meta.get("already_prepared"):
-        print(f"{args.out} is already prepared (from {meta['source']}); nothing to do, "
+        print(f"{cfg.out} is already prepared (from {meta['source']}); nothing to do, "
               "--force rebuilds it")
         return 0
     clips = sum(s["clips"] for s in meta["splits"].values())
     faces = sum(s["faces"] for s in meta["splits"].values())
     secs = max(meta["seconds"], 1e-9)
-    print(f"prepared {args.out}: " + ", ".join(f"{k} {s['clips']} clips / {s['faces']} faces"
+    print(f"prepared {cfg.out}: " + ", ".join(f"{k} {s['clips']} clips / {s['faces']} faces"
                                                 for k, s in meta["splits"].items()))
     print(f"{clips / secs:.0f} clips/s, {faces / secs:.0f} faces/s in {secs:.1f} s with "
           f"{meta['workers']} worker(s); skipped {meta['skipped']['count']} bad clips")

@@ -3,6 +3,7 @@
     python jobs/serve.py                                   # runs/rayvid (jobs/train.py's default)
     python jobs/serve.py --run runs/exp1 --index index/ --port 8000
     python jobs/serve.py --run runs/rayvid-smoke --smoke-test   # serve, ask once, stop
+    python jobs/serve.py --set run=runs/exp1 --set port=8001    # keys: rayvid/infer/config.py
 
 Deploys configs/serve.yaml (or --config) with the run, index and port set, as
 `serve deploy` does, and writes the resolved config to RUN/serve_config.yaml: edit its
@@ -26,7 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
 
+from rayvid.config import ConfigError, load_config  # noqa: E402
 from rayvid.infer import person_index as index, predict  # noqa: E402
+from rayvid.infer.config import ServeJobConfig  # noqa: E402
+
+FLAGS = {"run": "run", "index": "index", "port": "port", "config": "serve_config",
+         "num_cpus": "num_cpus"}  # flag -> ServeJobConfig key
 
 
 def example_clip(run: Path) -> dict:
@@ -65,22 +71,32 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="runs/rayvid", help="run folder of jobs/train.py")
-    p.add_argument("--index", help="person-search index of jobs/index.py (for /search)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
-    p.add_argument("--config", default=str(REPO / "configs" / "serve.yaml"), help="Serve config")
-    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a local Ray")
+    S = argparse.SUPPRESS  # flags left out keep the config's value
+    p.add_argument("--run", default=S, help="run folder of jobs/train.py (runs/rayvid)")
+    p.add_argument("--index", default=S, help="person-search index of jobs/index.py (for /search)")
+    p.add_argument("--port", type=int, default=S, help="HTTP port on 127.0.0.1 (8000)")
+    p.add_argument("--config", default=S, help="Serve config file (configs/serve.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a ServeJobConfig key (rayvid/infer/config.py), e.g. "
+                        "--set num_cpus=8 (repeatable)")
+    p.add_argument("--num-cpus", type=int, default=S, help="logical CPUs of a local Ray (4)")
     p.add_argument("--smoke-test", action="store_true", help="serve, send one clip, stop")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import yaml
 
-    run = Path(args.run).resolve()
+    try:
+        cfg = load_config(ServeJobConfig, None, args.set,
+                          flags={FLAGS[k]: v for k, v in vars(args).items() if k in FLAGS})
+    except ConfigError as e:
+        print(f"serve: config error: {e}", file=sys.stderr)
+        return 2
+    run = Path(cfg.run).resolve()
     try:
         predict.read_run(run)
-        if args.index:
-            index.read_manifest(args.index)
-        base = yaml.safe_load(Path(args.config).read_text())
+        if cfg.index:
+            index.read_manifest(cfg.index)
+        base = yaml.safe_load(Path(cfg.serve_config).read_text())
     except (predict.PredictError, index.SearchIndexError, OSError, yaml.YAMLError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
@@ -93,12 +109,12 @@ def main() -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     address = os.environ.get("RAY_ADDRESS") or None  # else a fresh local Ray
-    ctx = ray.init(address=address or "local", num_cpus=None if address else args.num_cpus,
+    ctx = ray.init(address=address or "local", num_cpus=None if address else cfg.num_cpus,
                    logging_level="WARNING")
     if index.read_serving(run) is None and (run / "dataset" / "val").is_dir():
         cal = index.calibrate(run)
         print(f"calibrated: {json.dumps(cal)}" if cal else "not calibrated: default threshold")
-    config = serve_config(base, run, args.index, port=args.port)
+    config = serve_config(base, run, cfg.index, port=cfg.port)
     resolved = run / "serve_config.yaml"
     write_atomic(resolved, yaml.safe_dump(config, sort_keys=False))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops Serve cleanly too

@@ -2,6 +2,7 @@
 
     python jobs/simulate.py --out data/sim --ids 300 --seed 0
     python jobs/simulate.py --smoke-test        # 20 ids, 5 faces per clip, a temp folder (~5 s)
+    python jobs/simulate.py --out data/sim --set params.faces_sigma=0.8   # rayvid/release/config.py
 
 The simulated test key and every generator parameter go to OUT/_simulator/ (test_gt.txt,
 params.json); the generative model is docs/simulator.md.
@@ -16,38 +17,50 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayvid.release.simulator import SimParams, simulate_release  # noqa: E402
+from rayvid.config import ConfigError, load_config, smoke_overrides  # noqa: E402
+from rayvid.release.config import SimulateJobConfig  # noqa: E402
+from rayvid.release.simulator import simulate_release  # noqa: E402
+
+FLAGS = {"out": "out", "ids": "ids", "seed": "seed", "faces_per_clip": "params.faces_per_clip",
+         "noise_fraction": "params.noise_fraction"}  # flag -> config key
 
 log = logging.getLogger("simulate")
 
 
-def main() -> None:
-    d = SimParams()
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="output folder (created)")
-    ap.add_argument("--ids", type=int, default=10034, help="known identities (real release: 10034)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--faces-per-clip", type=float, default=d.faces_per_clip,
-                    help="mean faces per clip")
-    ap.add_argument("--noise-fraction", type=float, default=d.noise_fraction,
+    S = argparse.SUPPRESS  # flags left out keep the config's value
+    ap.add_argument("--config", help="YAML of SimulateJobConfig keys (rayvid/release/config.py)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set params.faces_sigma=0.8 (repeatable)")
+    ap.add_argument("--out", default=S, help="output folder (created)")
+    ap.add_argument("--ids", type=int, default=S, help="known identities (real release: 10034)")
+    ap.add_argument("--seed", type=int, default=S)
+    ap.add_argument("--faces-per-clip", type=float, default=S, help="mean faces per clip")
+    ap.add_argument("--noise-fraction", type=float, default=S,
                     help="share of noise clips in val and test")
-    ap.add_argument("--smoke-test", action="store_true", help="20 ids, 5 faces per clip")
+    ap.add_argument("--smoke-test", action="store_true",
+                    help="20 ids, 5 faces per clip (configs/smoke.yaml `simulate`)")
     args = ap.parse_args()
-    if args.smoke_test:
-        args.ids, args.faces_per_clip = 20, 5.0
-        args.out = args.out or tempfile.mkdtemp(prefix="rayvid-sim-smoke-")
-    elif not args.out:
-        ap.error("--out is required (or --smoke-test)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    log.info("simulating %d ids, seed %d, %.1f faces/clip, noise %.2f -> %s", args.ids, args.seed,
-             args.faces_per_clip, args.noise_fraction, args.out)
-    summary = simulate_release(args.out, ids=args.ids, seed=args.seed,
-                               faces_per_clip=args.faces_per_clip,
-                               noise_fraction=args.noise_fraction)
+    flags = {FLAGS[k]: v for k, v in vars(args).items() if k in FLAGS}
+    try:
+        if args.smoke_test:
+            flags.setdefault("out", tempfile.mkdtemp(prefix="rayvid-sim-smoke-"))
+        cfg = load_config(SimulateJobConfig, args.config,
+                          (smoke_overrides("simulate") if args.smoke_test else []) + args.set,
+                          flags=flags)
+    except ConfigError as e:
+        print(f"simulate: config error: {e}", file=sys.stderr)
+        return 2
+    p = cfg.params
+    log.info("simulating %d ids, seed %d, %.1f faces/clip, noise %.2f -> %s", cfg.ids, cfg.seed,
+             p.faces_per_clip, p.noise_fraction, cfg.out)
+    summary = simulate_release(cfg.out, ids=cfg.ids, seed=cfg.seed, **p.as_dict())
     log.info("done: %d clips, %d faces, %.1f MB in %.1f s", summary["clips"], summary["faces"],
              summary["bytes"] / 1e6, summary["seconds"])
     print(json.dumps(summary, indent=2))
-
+    return 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,12 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayvid.config import ConfigError, load_config, to_dict  # noqa: E402
+from rayvid.config import ConfigError, load_config, smoke_overrides, to_dict  # noqa: E402
 from rayvid.train.config import TrainJobConfig  # noqa: E402
-
-SMOKE = ["data.simulate_ids=30", "data.simulate_faces_per_clip=6", "folds.k=2", "folds.run=[0]",
-         "optim.min_steps=30", "optim.passes=1", "optim.batch_size=128", "train.epochs=2",
-         "train.log_every_s=5"]
 
 
 def main() -> int:
@@ -30,11 +26,13 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--out", help="run folder (default: runs/<name>)")
-    p.add_argument("--smoke-test", action="store_true", help="tiny simulated run, ~1 minute")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="tiny simulated run, ~1 minute (configs/smoke.yaml `train`)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(TrainJobConfig, args.config, (SMOKE if args.smoke_test else []) + args.set)
+        smoke = smoke_overrides("train") if args.smoke_test else []
+        cfg = load_config(TrainJobConfig, args.config, smoke + args.set)
     except ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2

@@ -22,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rayvid.config import ConfigError, to_dict  # noqa: E402
-from rayvid.tune.config import load_tune_config  # noqa: E402
-
-# The train job's smoke run (jobs/train.py SMOKE) as the base, and a 3-trial sweep.
-SMOKE = ["base.data.simulate_ids=30", "base.data.simulate_faces_per_clip=6", "base.folds.k=2",
-         "base.folds.run=[0]", "base.optim.min_steps=30", "base.optim.passes=1",
-         "base.optim.batch_size=128", "base.train.epochs=2", "base.train.log_every_s=30",
-         "search.num_samples=3", "search.grace_period=1", "search.cpus_per_trial=0.25"]
+from rayvid.tune.config import load_tune_config, smoke_tune_overrides  # noqa: E402
 
 
 def _local_ray(ray) -> None:
@@ -59,15 +53,16 @@ def main() -> int:
                    help="override a value, e.g. --set base.optim.passes=50 or "
                         "--set 'space.optim.lr={loguniform: [1e-4, 1e-3]}' (repeatable)")
     p.add_argument("--out", help="sweep folder (default: runs/<name>)")
-    p.add_argument("--smoke-test", action="store_true", help="tiny simulated sweep, a few minutes")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="tiny simulated sweep, a few minutes (configs/smoke.yaml `train` + `tune`)")
     p.add_argument("--compare-defaults", action="store_true",
                    help="add one trial at the 4th place's code defaults")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    extra = (SMOKE if args.smoke_test else []) + \
-        (["search.compare_defaults=true"] if args.compare_defaults else [])
+    extra = (["search.compare_defaults=true"] if args.compare_defaults else [])
     try:
-        cfg = load_tune_config(args.config, extra + args.set)
+        smoke = smoke_tune_overrides() if args.smoke_test else []
+        cfg = load_tune_config(args.config, smoke + extra + args.set)
     except ConfigError as e:
         print(f"tune: config error: {e}", file=sys.stderr)
         return 2

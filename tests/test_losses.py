@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rayvid.model.losses import (
-    COMBINE, DEFAULT_STAGES, FOURTH_PLACE_STAGES, LOSSES, START, LossSchedule, MarginLoss, MixedLoss, build_loss,
+    COMBINE, FOURTH_PLACE_STAGES, LOSSES, START, LossSchedule, MarginLoss, MixedLoss, build_loss,
 )
 
 
@@ -141,8 +141,6 @@ def test_loss_schedule_boundaries() -> None:
     assert sched.at(1.0) == COMBINE
     assert sched.at(-0.1) == START
     assert sched.names == ["ce", "focal"]
-    default = LossSchedule(DEFAULT_STAGES)
-    assert default.at(0.05) == START and default.at(0.06) == COMBINE
 
 
 def test_loss_schedule_validation() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayvid.model.schedules import DEFAULT_LR, FOURTH_PLACE_LR, LRSchedule, apply
+from rayvid.model.schedules import FOURTH_PLACE_LR, POSTER_LR, LRSchedule, apply
 
 
 def test_linear_warmup_then_base() -> None:
@@ -52,10 +52,10 @@ def test_fourth_place_schedule_in_epochs() -> None:
 
 def test_size_invariance() -> None:
     # The same fractions of the run give the same lr at 100 or 10,000 steps.
-    small = [DEFAULT_LR.lr_at(i, 100) for i in (0, 3, 6, 99)]
-    large = [DEFAULT_LR.lr_at(i, 10000) for i in (0, 300, 600, 9999)]
+    small = [POSTER_LR.lr_at(i, 100) for i in (0, 3, 6, 99)]
+    large = [POSTER_LR.lr_at(i, 10000) for i in (0, 300, 600, 9999)]
     assert small == pytest.approx(large)
-    assert small[2] == DEFAULT_LR.base_lr and small[3] == DEFAULT_LR.min_lr
+    assert small[2] == POSTER_LR.base_lr and small[3] == POSTER_LR.min_lr
 
 
 def test_validation() -> None:
@@ -66,7 +66,7 @@ def test_validation() -> None:
     with pytest.raises(ValueError):
         LRSchedule(warmup_fraction=1.0)
     with pytest.raises(ValueError):
-        DEFAULT_LR.lr_at(0, 0)
+        POSTER_LR.lr_at(0, 0)
 
 
 def test_apply_sets_every_group() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rayvid.config import ConfigError
 from rayvid.release.pickle_reader import iter_dict_items, load
 from rayvid.release.simulator import SimParams, build_world, clip_latent, iter_clips, simulate_release
 
@@ -124,7 +125,7 @@ def test_params_json_records_everything(rel):
 
 
 def test_unknown_parameter_is_an_error(tmp_path):
-    with pytest.raises(TypeError, match="faces_per_clipp"):
+    with pytest.raises(ConfigError, match="faces_per_clipp"):
         simulate_release(tmp_path, 5, faces_per_clipp=3)
 
 

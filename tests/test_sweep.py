@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -19,18 +18,15 @@ import pytest
 from rayvid.config import ConfigError, load_config, to_dict, with_values
 from rayvid.tune.config import (DEFAULT_SPACE, Distribution, TuneJobConfig, decode_params,
                                  defaults_point, fourth_place_config, load_tune_config,
-                                 trial_config)
+                                 smoke_tune_overrides, trial_config)
 from rayvid.train.config import TrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _smoke_overrides() -> list[str]:
-    """jobs/tune.py's --smoke-test overrides (the job file is a script, not a module)."""
-    spec = importlib.util.spec_from_file_location("tune_job", ROOT / "jobs" / "tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return list(module.SMOKE)
+    """jobs/tune.py's --smoke-test overrides (configs/smoke.yaml, as the job reads them)."""
+    return smoke_tune_overrides()
 
 
 # ------------------------------------------------------------------ config and space
@@ -157,8 +153,8 @@ SHARED = ["search.max_concurrent=2", "search.cpus_per_trial=0.1", "search.compar
 @pytest.mark.timeout(600)
 def test_smoke_sweep_records_failing_trials_writes_outputs_and_resumes(ray_local, tmp_path):
     """The smoke sweep (default space) plus a grid over qFDA draws: n_draws=2 with sizes
-    (1, 3, 5) raises in the trial's Ray Data pipeline inside the Train worker, "many" fails
-    the trial's config; both are ERROR rows and the other trials finish. One sweep, as
+    (1, 3, 5) and "many" both fail the trial's config as it loads (before any Ray Data or
+    Train work), naming the key; both are ERROR rows and the other trials finish. One sweep, as
     each trial costs tens of seconds of fixed overhead on 2 cores."""
     from rayvid.tune.sweep import run_sweep
     from rayvid.tune.report import summary_lines
@@ -175,8 +171,7 @@ def test_smoke_sweep_records_failing_trials_writes_outputs_and_resumes(ray_local
     assert sorted(table["qfda.n_draws"]) == ["2", "5", "5", "many"]  # mixed choice: text
     failed = table[table["status"] == "ERROR"].set_index("qfda.n_draws")
     assert sorted(failed.index) == ["2", "many"], table[["status", "error"]]
-    assert failed.loc["2", "error"].startswith(
-        "ValueError: qfda sizes (1, 3, 5) must be <= n_draws=2")
+    assert "ConfigError: qfda.sizes (1, 3, 5) must be <= n_draws=2" in failed.loc["2", "error"]
     assert "qfda.n_draws: expected an integer, got 'many'" in failed.loc["many", "error"]
     ok = table[table["status"] != "ERROR"]
     assert set(ok["status"]) <= {"TERMINATED", "STOPPED_EARLY"} and len(ok) == 2

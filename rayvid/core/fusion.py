@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rayvid.core import fourth_place as fp
+
 # The 4th place's code: W(q) = 0 (q < 0), 0.2 (q < 20), 0.3 (q < 30), 0.6 (q < 40), 1.0.
-# The poster puts the last cut at 60.
-DEFAULT_BAND_CUTS = (0.0, 20.0, 30.0, 40.0)
-DEFAULT_BAND_VALUES = (0.0, 0.2, 0.3, 0.6, 1.0)
+DEFAULT_BAND_CUTS = fp.BAND_CUTS
+DEFAULT_BAND_VALUES = fp.BAND_VALUES
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def segment_sum(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
-def gate_mask(det: np.ndarray, quality: np.ndarray, det_min: float = 0.7,
-              quality_min: float = 25.0) -> np.ndarray:
+def gate_mask(det: np.ndarray, quality: np.ndarray, det_min: float = fp.GATE_DET_MIN,
+              quality_min: float = fp.GATE_QUALITY_MIN) -> np.ndarray:
     """(F,) bool: faces kept for training (det >= det_min and quality >= quality_min)."""
     return (det >= det_min) & (quality >= quality_min)
 
@@ -205,8 +206,8 @@ def qff(feat: np.ndarray, det: np.ndarray, quality: np.ndarray, offsets: np.ndar
 
 
 def qfda(feat: np.ndarray, det: np.ndarray, quality: np.ndarray, offsets: np.ndarray,
-         rng: np.random.Generator, n_draws: int = 5, sizes: tuple[int, ...] = (1, 3, 5),
-         mix: tuple[float, ...] = (0.25, 0.65, 0.10)) -> np.ndarray:
+         rng: np.random.Generator, n_draws: int = fp.QFDA_N_DRAWS,
+         sizes: tuple[int, ...] = fp.QFDA_SIZES, mix: tuple[float, ...] = fp.QFDA_MIX) -> np.ndarray:
     """Quality-aware feature augmentation (qFDA) for a batch of clips, one sample per clip.
 
     Per clip: `n_draws` faces uniformly with replacement; pick a size k from `sizes` with

@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rayvid.config import Config
 from rayvid.infer.predict import top_classes
 
 FEATURE_DIM = 512
@@ -190,27 +191,25 @@ class Health(BaseModel):
     replica: str
 
 
-class ServingConfig(BaseModel):
+class ServingConfig(Config):
     """The ingress's `user_config`: applied in `reconfigure`, without a redeploy. Keys left
     out keep the run's defaults (threshold from `RUN/serving.json`, weights from
     `ensemble.json`, top_k 5, the index the app was built with)."""
 
-    model_config = _STRICT
     unknown_threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     weights: list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] | None = None
     top_k: TopK | None = None
     index: str | None = None
 
 
-class MemberConfig(BaseModel):
+class MemberConfig(Config):
     """An `EnsembleMember`'s `user_config`: its `@serve.batch` settings."""
 
-    model_config = _STRICT
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=1.0)
 
 
-class AppArgs(BaseModel):
+class AppArgs(Config):
     """Arguments of `rayvid.infer.app:app_builder` (the `args:` of a Serve config file).
 
     run: a run folder of `jobs/train.py` (ensemble.json + checkpoints).
@@ -223,7 +222,6 @@ class AppArgs(BaseModel):
         large ensemble over GPUs or nodes).
     """
 
-    model_config = _STRICT
     run: str
     index: str | None = None
     members_per_deployment: int = Field(0, ge=0)

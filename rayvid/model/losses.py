@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayvid.core import fourth_place as fp
+
 LOSSES: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -211,24 +213,7 @@ class LossSchedule:
         return dict(self.stages[k])
 
 
-START = {"ce": 0.25, "focal": 0.75}  # 4th place "Start"
-COMBINE = {"ce": 0.02, "focal": 0.98}  # 4th place "Combine"
-
-# 4th-place code over an assumed 150 epochs; epoch e (1-based) starts at fraction (e-1)/150:
-# epochs 1-24 Start (the warm-up is epochs 1-9, then a fresh Adam keeps Start), epoch 25 ->
-# 24/150 = 0.16 focal alone, epoch 100 -> 99/150 = 0.66 Combine to the end.
-FOURTH_PLACE_STAGES: tuple[tuple[float, Mapping[str, float]], ...] = (
-    (0.0, START),
-    (24 / 150, {"focal": 1.0}),
-    (99 / 150, COMBINE),
-)
-
-# rayvid default: Start during the warm-up (0.06 = their 9 of 150 epochs; the CE term gives
-# the 10k-way softmax a clear gradient while the sigmoid outputs are all still near 0), then
-# Combine to the end. Their middle "focal alone" phase differs from Combine by a 2% CE weight
-# only, so one switch fewer removes a loss-scale jump without a change worth having, and
-# Combine is what their final models ended on.
-DEFAULT_STAGES: tuple[tuple[float, Mapping[str, float]], ...] = (
-    (0.0, START),
-    (0.06, COMBINE),
-)
+# The 4th place's mixes and stages (rayvid.core.fourth_place holds the numbers).
+START = fp.START
+COMBINE = fp.COMBINE
+FOURTH_PLACE_STAGES: tuple[tuple[float, Mapping[str, float]], ...] = fp.LOSS_STAGES

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rayvid.core import fourth_place as fp
+
 _KINDS = ("cosine", "step", "constant")
 _WARMUPS = ("linear", "constant")
 
@@ -34,13 +36,13 @@ class LRSchedule:
       "constant": base_lr.
     """
 
-    base_lr: float = 1.5e-4
+    base_lr: float = fp.LR
     kind: str = "cosine"
-    warmup_fraction: float = 0.06
-    warmup_lr: float = 2e-5
+    warmup_fraction: float = fp.WARMUP_FRACTION
+    warmup_lr: float = fp.WARMUP_LR
     warmup: str = "linear"
-    step_fraction: float = 1 / 3
-    step_gamma: float = 0.5
+    step_fraction: float = fp.STEP_FRACTION
+    step_gamma: float = fp.LR_GAMMA
     min_lr: float = 0.0
 
     def __post_init__(self) -> None:
@@ -75,15 +77,12 @@ class LRSchedule:
         return self.base_lr
 
 
-# 4th-place code over an assumed 150 epochs: 9 warm-up epochs (9/150 = 0.06) at a constant
-# 2e-5, then 141 epochs (indices 9..149, r = (e - 9) / 140) at 1.5e-4 halved every 50 epochs:
-# step_fraction = 50/140 puts the halvings at epochs 60 and 110 (1-based), as in their code.
-FOURTH_PLACE_LR = LRSchedule(
-    base_lr=1.5e-4, kind="step", warmup_fraction=0.06, warmup_lr=2e-5, warmup="constant",
-    step_fraction=50 / 140, step_gamma=0.5,
-)
-# Their poster: warm-up + cosine annealing. rayvid's default (smooth; no restart of Adam).
-DEFAULT_LR = LRSchedule()
+# Their code: 9 of 150 epochs at a constant 2e-5, then 1.5e-4 halved every 50 epochs
+# (rayvid.core.fourth_place.STEP_FRACTION says why that is 50/140 of the post-warm-up run).
+FOURTH_PLACE_LR = LRSchedule(kind="step", warmup="constant")
+# Their poster: the same warm-up length and peak, then cosine annealing (a reference shape;
+# rayvid's own default is `TrainJobConfig().optim`, see rayvid.train.worker.lr_schedule).
+POSTER_LR = LRSchedule(kind="cosine", warmup="linear")
 
 
 def apply(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -4,135 +4,184 @@ Defaults follow the 4th place's released code (method.md), with one change the d
 demands: schedules are fractions of the total optimizer steps, and the total is
 `max(passes * steps_per_pass, min_steps)`, so the recipe that was tuned for ~180 steps per
 epoch at the real scale also trains a small release instead of underfitting it.
-Every value can be set from YAML or `--set section.key=value`.
+Every value can be set from YAML or `--set section.key=value`; every rule that ties two
+values together is a validator here, so a bad combination fails when the config loads.
+The 4th place's numbers come from `rayvid.core.fourth_place`.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from rayvid.core.fusion import DEFAULT_BAND_CUTS, DEFAULT_BAND_VALUES, Weighting
+from pydantic import Field, field_validator, model_validator
+
+from rayvid.config import Config
+from rayvid.core import fourth_place as fp
+from rayvid.core.fusion import Weighting
 
 
-@dataclass(frozen=True)
-class DataSection:
+class DataSection(Config):
     """Where the data comes from: a prepared dataset, an official release, or (neither
     given) a release rayvid simulates into the run folder: the embedded default."""
 
     dataset: str | None = None
     release: str | None = None
-    on_bad_clip: str = "fail"
-    simulate_ids: int = 120
+    on_bad_clip: Literal["fail", "skip"] = "fail"
+    simulate_ids: int = Field(120, ge=1)
     simulate_seed: int = 0
-    simulate_faces_per_clip: float = 12.0
-    eval_split: str = "val"  # the split predicted and scored at the end (val has a gt)
+    simulate_faces_per_clip: float = Field(12.0, gt=0)
+    eval_split: Literal["val", "test"] = "val"  # predicted and scored at the end (val has a gt)
 
-    def __post_init__(self) -> None:
-        if self.on_bad_clip not in ("fail", "skip"):
-            raise ValueError(f"on_bad_clip must be fail or skip, got {self.on_bad_clip!r}")
+    @model_validator(mode="after")
+    def _check(self) -> "DataSection":
+        if self.dataset and self.release:  # rayvid.train.job would use the dataset, silently
+            raise ValueError(f"dataset and release are both given ({self.dataset!r}, "
+                             f"{self.release!r}): a prepared dataset, or a release to prepare")
+        return self
 
 
-@dataclass(frozen=True)
-class GateSection:
+class GateSection(Config):
     """Training-time gate (their code: det >= 0.7 and quality >= 25; write-up 0.8 / 30)."""
 
     enabled: bool = True
-    det_min: float = 0.7
-    quality_min: float = 25.0
+    det_min: float = fp.GATE_DET_MIN
+    quality_min: float = fp.GATE_QUALITY_MIN
 
 
-@dataclass(frozen=True)
-class FusionSection:
+class FusionSection(Config):
     """Test-time qFF weighting (see rayvid.core.fusion.Weighting)."""
 
     kind: str = "bands"
-    cuts: tuple[float, ...] = DEFAULT_BAND_CUTS
-    values: tuple[float, ...] = DEFAULT_BAND_VALUES
+    cuts: tuple[float, ...] = fp.BAND_CUTS
+    values: tuple[float, ...] = fp.BAND_VALUES
     power: float = 1.0
 
-    def __post_init__(self) -> None:
-        self.weighting  # validates
+    @model_validator(mode="after")
+    def _check(self) -> "FusionSection":
+        self.weighting  # Weighting's own checks (kind, cuts ascending, one value per band)
+        return self
 
     @property
     def weighting(self) -> Weighting:
         return Weighting(self.kind, tuple(self.cuts), tuple(self.values), self.power)
 
 
-@dataclass(frozen=True)
-class QFDASection:
+class QFDASection(Config):
     """Training-time augmentation fusion; disabled -> qFF of the gated faces instead."""
 
     enabled: bool = True
-    n_draws: int = 5
-    sizes: tuple[int, ...] = (1, 3, 5)
-    mix: tuple[float, ...] = (0.25, 0.65, 0.10)
+    n_draws: int = Field(fp.QFDA_N_DRAWS, ge=1)
+    sizes: tuple[int, ...] = fp.QFDA_SIZES
+    mix: tuple[float, ...] = fp.QFDA_MIX
+
+    @model_validator(mode="after")
+    def _check(self) -> "QFDASection":
+        # rayvid.core.fusion.qfda's rule, checked here so that it fails at load, not in Ray Data
+        if not self.sizes or min(self.sizes) < 1 or max(self.sizes) > self.n_draws:
+            raise ValueError(f"sizes {self.sizes} must be <= n_draws={self.n_draws} (and >= 1)")
+        if len(self.mix) != len(self.sizes):
+            raise ValueError(f"mix {self.mix} needs one probability per size {self.sizes}")
+        if min(self.mix) < 0 or sum(self.mix) <= 0:
+            raise ValueError(f"mix {self.mix} must be >= 0 with a positive sum")
+        return self
 
 
-@dataclass(frozen=True)
-class ModelSection:
+class ModelSection(Config):
     archs: tuple[str, ...] = ("M5",)
-    dropout: float | None = None  # None: each architecture's own dropouts (method.md)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # None: each architecture's own (method.md)
     # Output-layer bias init of the MLPs: "prior" (every class starts at 1/C) or "zero"
     # (the 4th place's code). See rayvid.model.architectures.MLP and the ablation in docs/benchmarks.md.
-    head_bias: str = "prior"
+    head_bias: Literal["zero", "prior"] = "prior"
     # Weight of the prototype (class-mean) head in the ensemble, relative to the MLPs'
     # total: 0 = the 4th place's pure MLP blend (see rayvid.model.prototype).
-    prototype_weight: float = 1.0
+    prototype_weight: float = Field(1.0, ge=0.0)
 
-    def __post_init__(self) -> None:
-        if self.head_bias not in ("zero", "prior"):
-            raise ValueError(f"model.head_bias must be zero or prior, got {self.head_bias!r}")
+    @field_validator("archs")
+    @classmethod
+    def _known_archs(cls, archs: tuple[str, ...]) -> tuple[str, ...]:
+        from rayvid.model.architectures import MODELS  # torch: imported when checked only
+
+        unknown = [a for a in archs if a not in MODELS]
+        if not archs or unknown:
+            raise ValueError(f"unknown model(s) {unknown or 'none given'}; known: {sorted(MODELS)}")
+        return archs
 
 
-@dataclass(frozen=True)
-class LossStage:
+class LossStage(Config):
     """From `start` (fraction of total steps) on, the loss is sum(weight * loss[name])."""
 
     start: float
     weights: dict[str, float]
 
 
-# Their code: epochs 1-9 Start (0.25 CE + 0.75 focal), focal alone from epoch 25,
-# Combine (0.02 CE + 0.98 focal) from epoch 100, of 150 epochs.
-FOURTH_PLACE_STAGES = (
-    LossStage(0.0, {"ce": 0.25, "focal": 0.75}),
-    LossStage(24 / 150, {"focal": 1.0}),
-    LossStage(99 / 150, {"ce": 0.02, "focal": 0.98}),
-)
+def _stages(stages: Any) -> tuple["LossStage", ...]:
+    return tuple(LossStage(start=start, weights=dict(w)) for start, w in stages)
 
 
-@dataclass(frozen=True)
-class LossSection:
+# Named loss-stage lists: `loss.stages: fourth_place` in YAML or `--set`, and the sweep's
+# choices. Their middle "focal alone" phase differs from Combine by a 2% CE weight only;
+# `start_combine` drops it (Start until their epoch 25, then Combine to the end).
+LOSS_PRESETS: dict[str, tuple[LossStage, ...]] = {
+    "fourth_place": _stages(fp.LOSS_STAGES),
+    "ce": _stages([(0.0, {"ce": 1.0})]),
+    "start_combine": _stages([fp.LOSS_STAGES[0], (fp.LOSS_STAGES[1][0], fp.COMBINE)]),
+}
+FOURTH_PLACE_STAGES = LOSS_PRESETS["fourth_place"]
+
+
+class LossSection(Config):
+    """`stages`: a list of {start, weights} (or the same as JSON text), or the name of one
+    of LOSS_PRESETS."""
+
     stages: tuple[LossStage, ...] = FOURTH_PLACE_STAGES
     uir_lambda: float = 0.1
 
-    def __post_init__(self) -> None:
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _preset(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:  # a list as JSON text (how Tune carries structured values)
+                return json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"cannot parse {value!r} as a list of stages: {e}") from None
+        if isinstance(value, str):
+            if value not in LOSS_PRESETS:
+                raise ValueError(f"unknown loss preset {value!r}; known: {sorted(LOSS_PRESETS)}")
+            return LOSS_PRESETS[value]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossSection":
+        from rayvid.model.losses import LOSSES, LossSchedule  # torch: imported when checked only
+
         starts = [s.start for s in self.stages]
-        if not starts or starts[0] != 0.0 or starts != sorted(starts):
-            raise ValueError(f"loss stages must start at 0.0 and ascend, got {starts}")
+        try:  # the schedule's own rule: first at 0.0, then strictly increasing within [0, 1]
+            LossSchedule([(s.start, s.weights) for s in self.stages])
+        except ValueError as e:
+            raise ValueError(f"stages (starts {starts}): {e}") from None
+        unknown = sorted({n for s in self.stages for n in s.weights} - set(LOSSES))
+        if unknown:
+            raise ValueError(f"stages use unknown loss(es) {unknown}; known: {sorted(LOSSES)}")
+        return self
 
 
-@dataclass(frozen=True)
-class OptimSection:
+class OptimSection(Config):
     """Adam with warm-up then step decay (their code) or cosine (their poster)."""
 
-    batch_size: int = 512
-    lr: float = 1e-3  # their code: 1.5e-4 over ~27,000 steps; see docs/benchmarks.md
-    warmup_lr: float = 2e-5
-    warmup_fraction: float = 9 / 150
-    warmup: str = "linear"  # their code: "constant" 2e-5, then a jump to lr
-    schedule: str = "step"
-    step_fraction: float = 50 / 150  # halve the lr every third of the run
-    min_lr: float = 1e-6
-    weight_decay: float = 0.0
-    passes: float = 150.0  # their epochs: full passes over a fold's training clips
-    min_steps: int = 300  # small releases get at least this many steps
-    max_steps: int = 0  # 0: no cap
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("step", "cosine"):
-            raise ValueError(f"optim.schedule must be step or cosine, got {self.schedule!r}")
+    batch_size: int = Field(fp.BATCH_SIZE, ge=1)
+    lr: float = Field(1e-3, gt=0)  # their code: 1.5e-4 over ~27,000 steps; see docs/benchmarks.md
+    warmup_lr: float = Field(fp.WARMUP_LR, ge=0)
+    warmup_fraction: float = Field(fp.WARMUP_FRACTION, ge=0.0, lt=1.0)
+    warmup: Literal["linear", "constant"] = "linear"  # their code: "constant" 2e-5, then lr
+    schedule: Literal["step", "cosine"] = "step"
+    step_fraction: float = Field(fp.STEP_FRACTION, gt=0)  # their halving every 50 epochs
+    min_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    passes: float = Field(fp.EPOCHS, gt=0)  # their epochs: full passes over a fold's clips
+    min_steps: int = Field(300, ge=1)  # small releases get at least this many steps
+    max_steps: int = Field(0, ge=0)  # 0: no cap
 
     def total_steps(self, n_train: int, world_size: int = 1) -> int:
         """Optimizer steps of a run over `n_train` clips (global batch = batch * world)."""
@@ -141,47 +190,53 @@ class OptimSection:
         return min(total, self.max_steps) if self.max_steps > 0 else total
 
 
-@dataclass(frozen=True)
-class TrainSection:
+class TrainSection(Config):
     """Ray Train scaling and run control."""
 
-    num_workers: int = 1
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
     bf16: bool = True  # autocast on GPU only
-    epochs: int = 5  # validation + checkpoint rounds over the run
-    max_failures: int = 2
-    log_every_s: float = 15.0
-    shuffle_buffer: int = 4096
+    epochs: int = Field(5, ge=1)  # validation + checkpoint rounds over the run
+    max_failures: int = Field(2, ge=-1)  # -1: retry forever (Ray's FailureConfig)
+    log_every_s: float = Field(15.0, gt=0)
+    shuffle_buffer: int = Field(4096, ge=0)
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class FoldsSection:
+class FoldsSection(Config):
     """Stratified folds over the clips of `splits`. The 4th place folded train+val together
     (noise = class 0) for its test submission; rayvid's default folds train alone so that
     the val split stays unseen and its official mAP is an honest measurement."""
 
-    k: int = 5
-    splits: tuple[str, ...] = ("train",)
+    k: int = Field(5, ge=2)
+    splits: tuple[Literal["train", "val"], ...] = ("train",)
     run: tuple[int, ...] = ()  # which folds to train; empty = all k
     concurrent: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "FoldsSection":
+        bad = [f for f in self.run if not 0 <= f < self.k]
+        if bad or len(set(self.run)) != len(self.run):
+            raise ValueError(f"run {self.run}: folds must be distinct and in 0..{self.k - 1}")
+        if not self.splits:
+            raise ValueError("splits is empty: fold the train split, or train and val")
+        return self
 
     @property
     def folds(self) -> tuple[int, ...]:
         return self.run or tuple(range(self.k))
 
 
-@dataclass(frozen=True)
-class TrainJobConfig:
+class TrainJobConfig(Config):
     name: str = "rayvid"
-    data: DataSection = field(default_factory=DataSection)
-    gate: GateSection = field(default_factory=GateSection)
-    fusion: FusionSection = field(default_factory=FusionSection)
-    qfda: QFDASection = field(default_factory=QFDASection)
-    model: ModelSection = field(default_factory=ModelSection)
-    loss: LossSection = field(default_factory=LossSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    folds: FoldsSection = field(default_factory=FoldsSection)
+    data: DataSection = DataSection()
+    gate: GateSection = GateSection()
+    fusion: FusionSection = FusionSection()
+    qfda: QFDASection = QFDASection()
+    model: ModelSection = ModelSection()
+    loss: LossSection = LossSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    folds: FoldsSection = FoldsSection()

@@ -11,36 +11,29 @@ Keys are checked against `TrainJobConfig` up front (an unknown key is a `ConfigE
 naming it); values are checked in the trial, so a bad value or combination fails that
 trial only. List- and mapping-valued choices (bands, qFDA mix, loss stages) travel through
 Tune as compact JSON strings: every searcher handles them, and the results table stays
-flat and readable. `load_tune_config` is `load_config` with one difference: a YAML
+flat and readable. Loss stages are searched by preset name (`rayvid.train.config.LOSS_PRESETS`). `load_tune_config` is `load_config` with one difference: a YAML
 `space` replaces the default space, and `--set space.<key>=<dist>` replaces one key's
 distribution (`null` drops it), where a deep merge would mix two distributions.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+from pydantic import Field, model_validator
 
-from rayvid.config import ConfigError, from_dict, parse_overrides, to_dict, with_values
-from rayvid.train.config import FOURTH_PLACE_STAGES, LossStage, TrainJobConfig
+from rayvid.config import (Config, ConfigError, _is_model, _merge, _strip_optional, parse_overrides,
+                           parse_value, read_yaml, smoke_overrides, to_dict, validate, with_values)
+from rayvid.core import fourth_place as fp
+from rayvid.train.config import LOSS_PRESETS, TrainJobConfig
 
 KINDS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid", "value")
 NUMERIC = ("uniform", "loguniform", "quniform", "randint")
-
-_START = {"ce": 0.25, "focal": 0.75}  # their warm-up mix; Combine = 0.02 CE + 0.98 focal
-LOSS_STAGE_CHOICES = (
-    FOURTH_PLACE_STAGES,  # their code: Start, focal alone from 24/150, Combine from 99/150
-    (LossStage(0.0, {"ce": 1.0}),),  # softmax cross-entropy only
-    (LossStage(0.0, _START), LossStage(24 / 150, {"ce": 0.02, "focal": 0.98})),  # Start, Combine
-)
 
 # Covers the issue's list: gate, test-time weighting, qFDA mix and draws, loss stages,
 # learning rate and dropout. Ranges bracket the 4th place's code and write-up values.
@@ -48,11 +41,11 @@ DEFAULT_SPACE: dict[str, Any] = {
     "gate.det_min": {"uniform": [0.5, 0.9]},
     "gate.quality_min": {"uniform": [15.0, 40.0]},
     "fusion.kind": {"choice": ["bands", "power"]},
-    "fusion.cuts": {"choice": [[0.0, 20.0, 30.0, 40.0], [0.0, 20.0, 30.0, 60.0]]},
+    "fusion.cuts": {"choice": [list(fp.BAND_CUTS), list(fp.POSTER_BAND_CUTS)]},
     "fusion.power": {"uniform": [0.5, 3.0]},
-    "qfda.mix": {"choice": [[0.25, 0.65, 0.10], [0.1, 0.6, 0.3], [0.4, 0.5, 0.1]]},
-    "qfda.n_draws": {"choice": [5, 7]},
-    "loss.stages": {"choice": [to_dict(s) for s in LOSS_STAGE_CHOICES]},
+    "qfda.mix": {"choice": [list(fp.QFDA_MIX), [0.1, 0.6, 0.3], [0.4, 0.5, 0.1]]},
+    "qfda.n_draws": {"choice": [fp.QFDA_N_DRAWS, 7]},
+    "loss.stages": {"choice": list(LOSS_PRESETS)},  # fourth_place, ce, start_combine
     "optim.lr": {"loguniform": [5e-5, 3e-3]},
     "model.dropout": {"uniform": [0.1, 0.6]},
     "model.head_bias": {"choice": ["zero", "prior"]},
@@ -62,7 +55,7 @@ DEFAULT_SPACE: dict[str, Any] = {
 # `--compare-defaults` trial takes these (and `TrainJobConfig()`'s other values) for every
 # searched key, so it is their code's recipe whatever rayvid's defaults become.
 FOURTH_PLACE_CODE: dict[str, Any] = {
-    "optim.lr": 1.5e-4,  # Adam 1.5e-4 (rayvid's default is higher: docs/benchmarks.md)
+    "optim.lr": fp.LR,  # Adam 1.5e-4 (rayvid's default is higher: docs/benchmarks.md)
     "optim.warmup": "constant",  # 2e-5 held for 9 epochs, then a jump to lr
     "model.head_bias": "zero",  # PyTorch's default output bias (rayvid: the class prior)
 }
@@ -152,20 +145,17 @@ def parse_distribution(key: str, spec: Any) -> Distribution:
 
 
 def check_key(key: str, cls: type = TrainJobConfig) -> None:
-    """ConfigError unless `key` names a setting (not a whole section) of `cls`."""
+    """ConfigError unless `key` names a setting (not a whole section) of config `cls`."""
     parts = key.split(".")
     for i, part in enumerate(parts):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if part not in fields:
+        if part not in cls.model_fields:
             raise ConfigError(f"space: unknown key {key!r} ({'.'.join(parts[:i + 1])!r} is not "
-                              f"in {', '.join(sorted(fields))})")
-        tp = typing.get_type_hints(cls)[part]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        cls = args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else tp
-        if i < len(parts) - 1 and not dataclasses.is_dataclass(cls):
+                              f"in {', '.join(sorted(cls.model_fields))})")
+        cls, _ = _strip_optional(cls.model_fields[part].annotation)
+        if i < len(parts) - 1 and not _is_model(cls):
             raise ConfigError(f"space: unknown key {key!r} ({'.'.join(parts[:i + 1])!r} is a "
                               f"setting: give it one of {{{', '.join(KINDS)}: ...}})")
-    if dataclasses.is_dataclass(cls):
+    if _is_model(cls):
         raise ConfigError(f"space: {key!r} is a section; search its settings, e.g. {key}.<name>")
 
 
@@ -181,59 +171,50 @@ def flatten_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
-class SearchSection:
+class SearchSection(Config):
     """How the sweep runs. Trial resources are per Train worker of a trial (one worker
     unless `base.train.num_workers` says otherwise); they replace `base.train`'s in
     trials only, so `best.yaml` keeps the base's resources for the full training run."""
 
-    num_samples: int = 12
-    max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs/GPUs hold
+    num_samples: int = Field(12, ge=1)
+    max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's CPUs/GPUs hold
     metric: str = "fold_map"
-    mode: str = "max"
-    fold: int = 0  # the held-out fold every trial is scored on
+    mode: Literal["min", "max"] = "max"
+    fold: int = Field(0, ge=0)  # the held-out fold every trial is scored on
     arch: str = "M5"
-    searcher: str = "random"  # BasicVariantGenerator (ships with Ray); optuna/hyperopt if installed
-    grace_period: int = 2  # ASHA: epochs before a trial can be stopped
-    reduction_factor: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # e.g. 0.25: four trials share a GPU (the MLP is small)
-    driver_cpus: float = 0.25  # the trial's own process only builds and waits on the trainer
+    # BasicVariantGenerator (ships with Ray); optuna/hyperopt if installed
+    searcher: Literal["random", "optuna", "hyperopt"] = "random"
+    grace_period: int = Field(2, ge=1)  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = Field(2, ge=2)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)  # e.g. 0.25: four trials share a GPU (small MLP)
+    driver_cpus: float = Field(0.25, gt=0)  # the trial's process only builds and waits on Train
     # Ray Data passes the trial runs itself (counting gated clips, the held-out fold) are
     # scheduled inside the trial's placement group, so it holds this much for them (>= 1).
-    data_cpus: float = 1.0
-    trial_retries: int = 0  # Tune restarts of a trial whose process died
+    data_cpus: float = Field(1.0, ge=1)
+    trial_retries: int = Field(0, ge=0)  # Tune restarts of a trial whose process died
     seed: int = 0
     compare_defaults: bool = False  # one extra trial at the 4th place's code defaults
 
-    def __post_init__(self) -> None:
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"search.mode must be min or max, got {self.mode!r}")
-        if self.searcher not in ("random", "optuna", "hyperopt"):
-            raise ValueError(f"search.searcher must be random, optuna or hyperopt, "
-                             f"got {self.searcher!r}")
-        if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
-            raise ValueError("search needs num_samples >= 1, grace_period >= 1, "
-                             "reduction_factor >= 2")
-        if (self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.driver_cpus <= 0
-                or self.data_cpus < 1):
-            raise ValueError("search resources need cpus_per_trial > 0, gpus_per_trial >= 0, "
-                             "driver_cpus > 0 and data_cpus >= 1")
 
-
-@dataclass(frozen=True)
-class TuneJobConfig:
+class TuneJobConfig(Config):
     name: str = "rayvid-tune"
-    base: TrainJobConfig = field(default_factory=TrainJobConfig)
-    search: SearchSection = field(default_factory=SearchSection)
-    space: dict[str, Any | None] = field(default_factory=lambda: dict(DEFAULT_SPACE))
+    base: TrainJobConfig = TrainJobConfig()
+    search: SearchSection = SearchSection()
+    space: dict[str, Any | None] = Field(default_factory=lambda: dict(DEFAULT_SPACE))
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> "TuneJobConfig":
         if not self.distributions:
             raise ValueError("space is empty: give at least one key to search")
         if not 0 <= self.search.fold < self.base.folds.k:
             raise ValueError(f"search.fold {self.search.fold} is not a fold of "
                              f"base.folds.k={self.base.folds.k}")
+        from rayvid.model.architectures import MODELS  # torch: imported when checked only
+
+        if self.search.arch not in MODELS:
+            raise ValueError(f"search.arch {self.search.arch!r} is not a model ({', '.join(MODELS)})")
+        return self
 
     @property
     def distributions(self) -> dict[str, Distribution]:
@@ -280,16 +261,37 @@ def fourth_place_config() -> TrainJobConfig:
 
 def defaults_point(cfg: TuneJobConfig) -> dict[str, Any]:
     """The searched keys at the 4th place's code defaults (`fourth_place_config()`),
-    encoded for Tune; fixed (`value`) keys keep their value."""
-    ref = to_dict(fourth_place_config())
+    encoded for Tune (a choice that resolves to that value, e.g. the loss preset
+    `fourth_place`, is taken as is); fixed (`value`) keys keep their value."""
+    ref_cfg = fourth_place_config()
+    ref = to_dict(ref_cfg)
     point = {}
     for key, dist in cfg.distributions.items():
         if dist.kind != "value":
-            node = ref
-            for part in key.split("."):
-                node = node[part]
-            point[key] = dist.encode(node)
+            point[key] = dist.encode(_choice_for(key, dist, ref_cfg, _at(ref, key)))
     return point
+
+
+def _at(data: Mapping, key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _choice_for(key: str, dist: Distribution, cfg: TrainJobConfig, value: Any) -> Any:
+    """The value of `dist` that sets `key` of `cfg` to `value`, else `value` itself."""
+    if dist.kind not in ("choice", "grid"):
+        return value
+    for v in dist.values:
+        if to_dict(v) == value:
+            return v
+    for v in dist.values:
+        try:
+            if _at(to_dict(with_values(cfg, {key: v})), key) == value:
+                return v
+        except ConfigError:
+            continue
+    return value
 
 
 def ray_param_space(cfg: TuneJobConfig) -> dict[str, Any]:
@@ -299,36 +301,25 @@ def ray_param_space(cfg: TuneJobConfig) -> dict[str, Any]:
 def load_tune_config(path: str | Path | None = None,
                      overrides: Sequence[str] = ()) -> TuneJobConfig:
     """Defaults <- YAML <- `--set`, strictly checked, with `space` replaced per key."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = dict(loaded)
+    data = read_yaml(path) if path is not None else {}
     space = flatten_space(data.pop("space", None) or DEFAULT_SPACE)
     rest = []
     for item in overrides:
         key, eq, raw = item.partition("=")
         if key.strip().startswith("space.") and eq:
-            try:
-                space[key.strip()[len("space."):]] = yaml.safe_load(raw)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"--set {key}: cannot parse {raw!r}: {e}") from e
+            space[key.strip()[len("space."):]] = parse_value(key.strip(), raw)
         else:
             rest.append(item)
-    merged = _merge(_merge(to_dict(TuneJobConfig()), data), parse_overrides(rest, TuneJobConfig))
+    set_data = parse_overrides(rest, TuneJobConfig)
+    merged = _merge(_merge(to_dict(TuneJobConfig()), data), set_data)
     merged["space"] = space
-    return from_dict(TuneJobConfig, merged)
+    return validate(TuneJobConfig, merged, Path(path) if path is not None else None, data, set_data)
 
 
-def _merge(base: dict, extra: Mapping) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
+def smoke_tune_overrides() -> list[str]:
+    """`jobs/tune.py --smoke-test`: the train smoke settings as the base, then the sweep's
+    own (both from configs/smoke.yaml)."""
+    return [f"base.{item}" for item in smoke_overrides("train")] + smoke_overrides("tune")
 
 
 def is_number(value: Any) -> bool:

@@ -3,22 +3,24 @@
 Every number of `docs/simulator.md` lives here and nowhere else. The defaults are FIXED:
 they model the real release as the top teams describe it and must not be tuned to make
 any method look good. Tests shrink only the scale knobs (`faces_per_clip`,
-`noise_fraction`), never the model.
+`noise_fraction`), never the model. A rayvid `Config` (frozen, unknown keys rejected):
+`jobs/simulate.py --set faces_sigma=0.8` and `SimParams.with_overrides(...)` are checked.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+
+from pydantic import Field
+
+from rayvid.config import Config, to_dict, with_values
 
 GENERATOR_VERSION = "rayvid-sim-1"
 MODALITIES = ("face", "head", "body", "audio")
 SPLITS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
-class SimParams:
+class SimParams(Config):
     """Generator parameters; `ids` and `seed` are passed separately."""
 
     # --- scale: clips per identity (Gamma-Poisson, mean ~6 train clips, mode 2) ---
@@ -26,11 +28,11 @@ class SimParams:
     pop_mean: float = 5.04            # E[g]; n_train = 1 + Poisson(g)
     eval_rate: float = 0.72           # n_val, n_test = 1 + Poisson(eval_rate * g) ...
     eval_presence: float = 0.98       # ... with this probability, else 0
-    noise_fraction: float = 0.40      # share of noise clips in val and test
+    noise_fraction: float = Field(0.40, ge=0.0, lt=1.0)  # share of noise clips in val and test
     noise_id_ratio: float = 1.0       # noise identities M = round(ratio * N)
 
     # --- faces per clip (lognormal, heavy tail) ---
-    faces_per_clip: float = 29.5      # mean faces in a clip that has faces
+    faces_per_clip: float = Field(29.5, gt=0.0)  # mean faces in a clip that has faces
     faces_sigma: float = 1.0          # lognormal sigma of the count
     faces_cap_ratio: float = 17.0     # count capped at ceil(ratio * mean) (~500 at 29.5)
     absent_fraction: float = 0.045    # clip missing from the face pickle
@@ -105,15 +107,12 @@ class SimParams:
 
     @classmethod
     def with_overrides(cls, **overrides: object) -> "SimParams":
-        """Defaults with `overrides` applied; an unknown name raises TypeError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown simulator parameter(s): {', '.join(unknown)}")
-        return dataclasses.replace(cls(), **overrides)
+        """Defaults with `overrides` applied; an unknown name or a bad value raises
+        `rayvid.config.ConfigError` naming it."""
+        return with_values(cls(), overrides)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @property
     def faces_cap(self) -> int:

@@ -99,7 +99,7 @@ def simulate_release(out_dir: str | os.PathLike, ids: int, seed: int = 0, **para
     existing files of the same names are replaced).
 
     `params` override `SimParams` fields (e.g. faces_per_clip=5, noise_fraction=0.4);
-    unknown names raise TypeError. Same (ids, seed, params): byte-identical files.
+    unknown names raise ConfigError. Same (ids, seed, params): byte-identical files.
     Returns a summary: per split clips, faces, bytes and seconds, and the totals.
     """
     world = build_world(ids, seed, SimParams.with_overrides(**params))
