@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from rayvid.core import metrics  # noqa: E402
+from rayvid.core import formats, metrics  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -24,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gt", required=True, help="val_gt.txt-format file")
     parser.add_argument("--submission", required=True, help="submission file")
     parser.add_argument("--per-id-csv", help="write id,ap,n_relevant per gt identity here")
-    parser.add_argument("--max-id", type=int, default=metrics.NUM_IDENTITIES)
+    parser.add_argument("--max-id", type=int, default=formats.NUM_IDENTITIES)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        gt = metrics.read_gt(args.gt, args.max_id)
-        submission = metrics.read_submission(args.submission)
+        gt = formats.read_gt(args.gt, args.max_id)
+        submission = formats.read_submission(args.submission)
     except (OSError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import psutil  # noqa: E402
 from rayvid.release.prepare import (DatasetExistsError, children_peak_rss_bytes,  # noqa: E402
                             default_workers, peak_rss_bytes, prepare_release)
 from rayvid.release.schema import DatasetFormatError  # noqa: E402
+from rayvid.core.formats import GroundTruthError  # noqa: E402
 from rayvid.release.pickle_reader import ReleaseFormatError  # noqa: E402
 
 log = logging.getLogger("prepare")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = prepare_release(args.release, args.out, on_bad_clip=args.on_bad_clip,
                                force=args.force, bucket_bytes=args.bucket_mib * MiB, progress=show,
                                workers=args.workers)
-    except (ReleaseFormatError, DatasetExistsError, DatasetFormatError) as e:
+    except (ReleaseFormatError, GroundTruthError, DatasetExistsError, DatasetFormatError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     if meta.get("already_prepared"):

@@ -1,7 +1,7 @@
 """Release -> Parquet dataset (rayvid.release.prepare, rayvid.release.bucketing, rayvid.release.schema, jobs/prepare.py).
 
 The round trip compares every value of the dataset with the pickles as the streaming reader
-returns them, and every label with `rayvid.core.metrics`' independent gt parser.
+returns them, and every label with the gt files as `rayvid.core.formats` reads them.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayvid.release import schema
-from rayvid.core.metrics import read_gt, read_train_gt
+from rayvid.core.formats import GroundTruthError, read_gt, read_train_gt
 from rayvid.data import pipeline as rdata
 from rayvid.release.prepare import DatasetExistsError, FeatureDimError, prepare_release, read_meta
 from rayvid.release.pickle_reader import PickleFormatError, UnsafePickleError, iter_dict_items
 from rayvid.release.py2_writer import write_dict
-from rayvid.release.layout import BadClipError, GtFormatError, Release
+from rayvid.release.layout import BadClipError, Release
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"face": 512, "head": 16, "body": 8, "audio": 12}
@@ -446,7 +446,7 @@ def test_skip_counts_and_reports_bad_clips(tmp_path, workers):
 def test_unparsable_gt_line_fails_even_with_skip(tmp_path):
     make_release(tmp_path / "r", val_gt="1 IQIYI_VID_VAL_0000001.mp4\none B.mp4")
     for policy in ("fail", "skip"):
-        with pytest.raises(GtFormatError, match=r"val_gt.txt:2: id 'one'"):
+        with pytest.raises(GroundTruthError, match=r"val_gt.txt:2: id 'one'"):
             prepare_release(tmp_path / "r", tmp_path / "d", on_bad_clip=policy)
     assert_nothing_written(tmp_path, tmp_path / "d")
 

@@ -39,8 +39,8 @@ from rayvid.release import schema
 from rayvid.model.checkpoints import read_model_config
 from rayvid.model.ensemble import ENSEMBLE_FILE, Ensemble
 from rayvid.core.fusion import Weighting
-from rayvid.core.metrics import (MAX_RANK, GroundTruthError, rank_keys, read_gt, score_files,
-                            top_keys, unpack_rank_keys)
+from rayvid.core.formats import MAX_RANK, GroundTruthError, read_gt
+from rayvid.core.metrics import rank_keys, score_files, top_keys, unpack_rank_keys
 from rayvid.core.submission import TopKPerIdentity, write_submission
 
 log = logging.getLogger(__name__)
