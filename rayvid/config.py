@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
+from rayvid.core.atomic import write_text
+
 T = TypeVar("T")
 
 
@@ -181,8 +183,5 @@ def with_values(cfg: T, values: Mapping[str, Any]) -> T:
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (temp name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config as YAML, whole or not at all."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

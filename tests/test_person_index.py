@@ -20,8 +20,8 @@ import torch
 
 from rayvid.core import fusion
 from rayvid.release import schema
+from rayvid.release.schema import read_meta
 from rayvid.model.checkpoints import save_checkpoint
-from rayvid.data.pipeline import read_meta
 from rayvid.model.ensemble import Ensemble
 from rayvid.infer.person_index import (INDEX_SCHEMA, SearchIndexError, build_index, calibrate, load_index,
                           merge_top_k, read_index_table, read_serving, threshold_for,

@@ -21,7 +21,8 @@ import pytest
 from rayvid.release import schema
 from rayvid.core.formats import GroundTruthError, read_gt, read_train_gt
 from rayvid.data import pipeline as rdata
-from rayvid.release.prepare import DatasetExistsError, FeatureDimError, prepare_release, read_meta
+from rayvid.release.prepare import DatasetExistsError, FeatureDimError, prepare_release
+from rayvid.release.schema import read_meta
 from rayvid.release.pickle_reader import PickleFormatError, UnsafePickleError, iter_dict_items
 from rayvid.release.py2_writer import write_dict
 from rayvid.release.layout import BadClipError, Release
@@ -328,13 +329,13 @@ def test_format_1_datasets_are_refused(tmp_path):
     (out / schema.META_FILE).write_text(json.dumps({**meta, "version": 1}))
     with pytest.raises(schema.DatasetFormatError, match="format version 1.*re-run "
                        "jobs/prepare.py .*--force"):
-        rdata.read_meta(out)
+        schema.read_meta(out)
     with pytest.raises(schema.DatasetFormatError, match="re-run jobs/prepare.py"):
         rdata.split_paths(out, ["val"])
     with pytest.raises(DatasetExistsError, match="format version 1.*--force"):
         prepare_release(release, out)
     assert prepare_release(release, out, force=True)["version"] == schema.FORMAT_VERSION
-    assert rdata.read_meta(out)["version"] == schema.FORMAT_VERSION
+    assert schema.read_meta(out)["version"] == schema.FORMAT_VERSION
     # a v1 column read directly (jobs/serve.py, benches): list<float16> features
     t = pq.read_table(out / "val")
     v1 = t.set_column(t.schema.get_field_index("face_feat"), "face_feat",

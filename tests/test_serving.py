@@ -23,8 +23,8 @@ import pytest
 
 from rayvid.core import fusion
 from rayvid.release import schema
+from rayvid.release.schema import read_meta
 from rayvid.model.checkpoints import save_checkpoint
-from rayvid.data.pipeline import read_meta
 from rayvid.model.ensemble import Ensemble
 from rayvid.model.architectures import build_model
 from rayvid.infer.api import MAX_BODY_BYTES, MAX_CLIPS_PER_BATCH, MAX_FACES_PER_CLIP

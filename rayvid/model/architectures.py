@@ -18,28 +18,19 @@ Every model has `input_kind` ("clip_vector", "face_set", "multimodal"), `logit_s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_CLASSES = 10035  # 10,034 identities + class 0 = other (4th-place convention)
+# Every architecture module is imported here so that `build_model` knows them all.
+from rayvid.model import prototype as _prototype  # noqa: F401  (registers "prototype")
+from rayvid.model.registry import MODELS, NUM_CLASSES, RayvidModel, register_model
 
-MODELS: dict[str, Callable[..., "RayvidModel"]] = {}
-
-
-def register_model(name: str) -> Callable[[Callable[..., "RayvidModel"]], Callable[..., "RayvidModel"]]:
-    """Decorator: register a builder `(in_dim, num_classes, **kwargs) -> RayvidModel`."""
-
-    def deco(fn: Callable[..., RayvidModel]) -> Callable[..., RayvidModel]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = fn
-        return fn
-
-    return deco
+__all__ = ["MLP_ARCHS", "MODELS", "NUM_CLASSES", "RayvidModel", "build_from_config",
+           "build_model", "register_model"]
 
 
 def build_model(name: str, in_dim: int = 512, num_classes: int = NUM_CLASSES, **kwargs: Any) -> "RayvidModel":
@@ -53,26 +44,6 @@ def build_from_config(config: Mapping[str, Any]) -> "RayvidModel":
     """Rebuild a model from `model.model_config()` (extra keys are not allowed)."""
     cfg = dict(config)
     return build_model(cfg.pop("arch"), **cfg)
-
-
-class RayvidModel(nn.Module):
-    """Base class: remembers its registry name and constructor kwargs."""
-
-    input_kind: str = "clip_vector"
-    logit_scale: float = 1.0
-
-    def __init__(self, arch: str, **config: Any) -> None:
-        super().__init__()
-        self.arch = arch
-        self._config = dict(config)
-
-    def model_config(self) -> dict[str, Any]:
-        """`{"arch": name, **constructor kwargs}`, JSON-serialisable."""
-        return {"arch": self.arch, **self._config}
-
-    @property
-    def num_classes(self) -> int:
-        return int(self._config["num_classes"])
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -305,7 +276,3 @@ class MultiModal(RayvidModel):
         e = torch.stack([emb(p) for emb, p in zip(self.embed, parts)], dim=1) + self.modality_emb
         w = masked_softmax(self.score(e).squeeze(-1), present.bool())
         return self.head(torch.einsum("bm,bmd->bd", w, e))
-
-
-# Registers "prototype" (kept in its own module; imported last to avoid a cycle).
-from rayvid.model import prototype as _prototype  # noqa: E402,F401

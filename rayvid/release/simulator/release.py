@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rayvid.core.atomic import atomic_path
 from rayvid.release.py2_writer import write_dict
 from rayvid.release.simulator.features import VALUE, modality
 from rayvid.release.simulator.latent import clip_latent
@@ -66,11 +67,9 @@ def iter_clips(world: World, modality_name: str, split: str, stats: dict | None 
 
 
 def _write_text(path: Path, lines: Iterator[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="ascii", newline="\n") as f:
         for line in lines:
             f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def _gt_lines(world: World, split: str) -> Iterator[str]:
