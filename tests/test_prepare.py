@@ -322,6 +322,21 @@ def test_blob_lengths_are_checked_naming_the_column(sim):
         schema.audio_arrays(bad, sim[3]["dims"]["audio"])
 
 
+def test_read_meta_names_the_folder_and_find_meta_returns_none(tmp_path):
+    for folder in (tmp_path / "absent", tmp_path):
+        assert schema.find_meta(folder) is None
+        with pytest.raises(FileNotFoundError, match=f"{folder} is not a complete rayvid dataset"):
+            schema.read_meta(folder)
+    meta_path = tmp_path / schema.META_FILE
+    for text in ("{half", '{"format": "something-else"}', "[1]"):
+        meta_path.write_text(text)
+        assert schema.find_meta(tmp_path) is None
+        with pytest.raises(schema.DatasetFormatError, match=schema.META_FILE):
+            schema.read_meta(tmp_path)
+    meta_path.write_text(json.dumps({"format": schema.FORMAT_NAME, "version": 1}))
+    assert schema.find_meta(tmp_path)["version"] == 1  # prepare decides what to do with it
+
+
 def test_format_1_datasets_are_refused(tmp_path):
     release = make_release(tmp_path / "r")
     out = tmp_path / "d"

@@ -59,6 +59,14 @@ def _parse_id(token: str, where: str, error: type[ValueError], max_id: int | Non
     return int(token)
 
 
+def _first_time(seen: dict, key: object, where: str, what: str,
+                error: type[ValueError]) -> None:
+    """Record the line `key` first appears on; a second appearance raises naming both."""
+    if key in seen:
+        raise error(f"{where}: {what} listed twice (first at {seen[key]})")
+    seen[key] = where
+
+
 def _check_clip(token: str, where: str) -> str:
     if not token.endswith(MP4) or len(token) == len(MP4):
         raise GroundTruthError(f"{where}: {token!r} is not a <clip>{MP4} name")
@@ -84,16 +92,12 @@ def read_gt(path: str | Path, max_id: int = NUM_IDENTITIES) -> dict[int, list[st
     clip_at: dict[str, str] = {}
     for where, tokens, _ in _lines(path, GroundTruthError):
         identity = _parse_id(tokens[0], where, GroundTruthError, max_id)
-        if identity in id_at:
-            raise GroundTruthError(f"{where}: id {identity} listed twice (first at {id_at[identity]})")
+        _first_time(id_at, identity, where, f"id {identity}", GroundTruthError)
         if len(tokens) < 2:
             raise GroundTruthError(f"{where}: id {identity} has no clips")
         for clip in tokens[1:]:
             _check_clip(clip, where)
-            if clip in clip_at:
-                raise GroundTruthError(f"{where}: clip {clip} listed twice (first at {clip_at[clip]})")
-            clip_at[clip] = where
-        id_at[identity] = where
+            _first_time(clip_at, clip, where, f"clip {clip}", GroundTruthError)
         gt[identity] = tokens[1:]
     if not gt:
         raise GroundTruthError(f"{path}: no identity lines")
@@ -115,11 +119,19 @@ def read_train_gt(path: str | Path, max_id: int = NUM_IDENTITIES) -> dict[str, i
                 f"{where}: expected '<clip>{MP4} <id>', got {len(tokens)} fields: {line!r}")
         clip = _check_clip(tokens[0], where)
         identity = _parse_id(tokens[1], where, GroundTruthError, max_id)
-        if clip in clip_at:
-            raise GroundTruthError(f"{where}: clip {clip} listed twice (first at {clip_at[clip]})")
-        clip_at[clip] = where
+        _first_time(clip_at, clip, where, f"clip {clip}", GroundTruthError)
         labels[clip] = identity
     return labels
+
+
+def train_gt_line(clip: str, identity: int) -> str:
+    """One `train_gt.txt` line without the newline; clip: the pickles' name, no `.mp4`."""
+    return f"{clip}{MP4} {identity}"
+
+
+def val_gt_line(identity: int, clips: Sequence[str]) -> str:
+    """One `val_gt.txt` line without the newline; clips: the pickles' names, no `.mp4`."""
+    return " ".join([str(identity), *(c + MP4 for c in clips)])
 
 
 def dedupe_ranking(clips: Sequence[str]) -> list[str]:
@@ -139,11 +151,9 @@ def read_submission(path: str | Path, max_rank: int = MAX_RANK) -> dict[int, lis
     id_at: dict[int, str] = {}
     for where, tokens, _ in _lines(path, SubmissionError):
         identity = _parse_id(tokens[0], where, SubmissionError, None)
-        if identity in id_at:
-            raise SubmissionError(f"{where}: id {identity} listed twice (first at {id_at[identity]})")
+        _first_time(id_at, identity, where, f"id {identity}", SubmissionError)
         ranking = dedupe_ranking(tokens[1:])
         check_ranking_length(identity, ranking, max_rank, where)
-        id_at[identity] = where
         submission[identity] = ranking
     return submission
 

@@ -18,7 +18,7 @@ Every model has `input_kind` ("clip_vector", "face_set", "multimodal"), `logit_s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +56,8 @@ def _init_linear(module: nn.Module) -> None:
 
 
 # (width, activation, batch norm after the activation, dropout) per hidden layer: method.md.
+# M1 2-layer-sigmoid, M2 3-layer-sigmoid, M3 2-layer-swish, M4 3-layer-swish, M5
+# 3-layer-swish-new (the 4th place's main model); each is registered under its name.
 _MLP_SPECS: dict[str, tuple[tuple[int, str, bool, float], ...]] = {
     "M1": ((1024, "sigmoid", True, 0.25),),
     "M2": ((512, "sigmoid", True, 0.2), (1024, "sigmoid", True, 0.5)),
@@ -112,39 +114,15 @@ class MLP(RayvidModel):
         return self.head(self.trunk(x))
 
 
-@register_model("M1")
-def m1(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """2-layer-sigmoid."""
-    return MLP("M1", in_dim, num_classes, dropout, head_bias)
+def _register_mlp(arch: str) -> None:
+    @register_model(arch)
+    def build(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
+              head_bias: str = "zero") -> MLP:
+        return MLP(arch, in_dim, num_classes, dropout, head_bias)
 
 
-@register_model("M2")
-def m2(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """3-layer-sigmoid."""
-    return MLP("M2", in_dim, num_classes, dropout, head_bias)
-
-
-@register_model("M3")
-def m3(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """2-layer-swish."""
-    return MLP("M3", in_dim, num_classes, dropout, head_bias)
-
-
-@register_model("M4")
-def m4(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """3-layer-swish."""
-    return MLP("M4", in_dim, num_classes, dropout, head_bias)
-
-
-@register_model("M5")
-def m5(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """3-layer-swish-new, the 4th place's main model."""
-    return MLP("M5", in_dim, num_classes, dropout, head_bias)
+for _arch in _MLP_SPECS:
+    _register_mlp(_arch)
 
 
 class CosineClassifier(nn.Module):

@@ -18,7 +18,8 @@ feature dims, bad clips, items per file) between the passes, and the dataset is 
 whatever N. Memory is O(bucket + batch of clips) per worker plus the clip names of
 train/val in this process (for noise labels and `strat_rank`), independent of the release
 size. Everything is written to a temporary folder next to OUT (`rayvid.core.atomic`);
-`_rayvid_dataset.json` is written last and the folder renamed to OUT. Jobs: `jobs/prepare.py --release DIR --out DATASET`.
+`_rayvid_dataset.json` is written last and the folder renamed to OUT.
+Jobs: `jobs/prepare.py --release DIR --out DATASET`.
 """
 
 from __future__ import annotations
