@@ -78,7 +78,7 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], help="extra config override")
     args = p.parse_args()
     ds = dataset_dir(args)
-    from rayvid.data.pipeline import read_meta
+    from rayvid.release.schema import read_meta
 
     num_classes = read_meta(ds)["num_classes"]
     cfg = load_config(TrainJobConfig, None, [

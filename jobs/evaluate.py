@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from rayvid.config import ConfigError, load_config  # noqa: E402
-from rayvid.core import metrics  # noqa: E402
+from rayvid.core import formats, metrics  # noqa: E402
 from rayvid.infer.config import EvaluateJobConfig  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gt", default=S, help="val_gt.txt-format file")
     parser.add_argument("--submission", default=S, help="submission file")
     parser.add_argument("--per-id-csv", default=S, help="write id,ap,n_relevant per gt identity here")
-    parser.add_argument("--max-id", type=int, default=S, help=f"largest identity id ({metrics.NUM_IDENTITIES})")
+    parser.add_argument("--max-id", type=int, default=S, help=f"largest identity id ({formats.NUM_IDENTITIES})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: config error: {e}", file=sys.stderr)
         return 2
     try:
-        gt = metrics.read_gt(cfg.gt, cfg.max_id)
-        submission = metrics.read_submission(cfg.submission)
+        gt = formats.read_gt(cfg.gt, cfg.max_id)
+        submission = formats.read_submission(cfg.submission)
     except (OSError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2

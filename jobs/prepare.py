@@ -27,6 +27,7 @@ from rayvid.release.config import PrepareJobConfig, SimulateJobConfig  # noqa: E
 from rayvid.release.prepare import (DatasetExistsError, children_peak_rss_bytes,  # noqa: E402
                             peak_rss_bytes, prepare_release)
 from rayvid.release.schema import DatasetFormatError  # noqa: E402
+from rayvid.core.formats import GroundTruthError  # noqa: E402
 from rayvid.release.pickle_reader import ReleaseFormatError  # noqa: E402
 
 log = logging.getLogger("prepare")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = prepare_release(cfg.release, cfg.out, on_bad_clip=cfg.on_bad_clip,
                                force=cfg.force, bucket_bytes=cfg.bucket_mib * MiB, progress=show,
                                workers=cfg.workers)
-    except (ReleaseFormatError, DatasetExistsError, DatasetFormatError) as e:
+    except (ReleaseFormatError, GroundTruthError, DatasetExistsError, DatasetFormatError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     if meta.get("already_prepared"):

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from rayvid.core.atomic import write_text
+
 T = TypeVar("T", bound="Config")
 
 # The repo's configs/ folder (an editable install or a checkout; see smoke_overrides).
@@ -251,11 +253,8 @@ def with_values(cfg: T, values: Mapping[str, Any]) -> T:
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (temp name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config as YAML, whole or not at all."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def smoke_overrides(job: str) -> list[str]:

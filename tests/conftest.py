@@ -125,7 +125,8 @@ def trained_run(sim_dataset, tmp_path_factory):
     import torch
 
     from rayvid.core import fusion, metrics
-    from rayvid.data.pipeline import read_meta, split_paths
+    from rayvid.data.pipeline import split_paths
+    from rayvid.release.schema import read_meta
     from rayvid.model import run_folder
     from rayvid.model.checkpoints import save_checkpoint
     from rayvid.release import schema

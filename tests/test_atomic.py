@@ -50,3 +50,15 @@ def test_writing_nothing_is_an_error(tmp_path):
         with atomic_path(tmp_path / "x"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_replaces_a_file_and_a_file_replaces_a_folder(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a stray file")
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "meta.json").write_text("{}")
+    assert [p.name for p in out.iterdir()] == ["meta.json"]
+    write_text(out, "now a file")
+    assert out.read_text() == "now a file"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

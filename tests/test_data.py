@@ -92,6 +92,6 @@ def test_pipeline_streams_fresh_qfda_draws_each_epoch(ray_local, sim_dataset):
 @pytest.mark.ray
 def test_missing_dataset_and_split_give_clear_errors(ray_local, tmp_path, sim_dataset):
     with pytest.raises(FileNotFoundError, match="not a complete rayvid dataset"):
-        rdata.read_meta(tmp_path)
+        schema.read_meta(tmp_path)
     with pytest.raises(FileNotFoundError, match="no split 'nope'"):
         rdata.clip_dataset(sim_dataset, ["nope"], rdata.ClipTransform())

@@ -1,4 +1,4 @@
-"""Release discovery, gt parsing and per-clip validation (rayvid.release.layout, rayvid.release.clip_values).
+"""Release discovery, labels and per-clip validation (rayvid.release.layout, rayvid.release.clip_values).
 
 Fast unit tests on hand-made values; the end-to-end conversion is in test_prepare.py.
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rayvid.release.pickle_reader import ReleaseFormatError
-from rayvid.release.layout import (BadClipError, GtFormatError, MissingFilesError, Release, clip_name,
-                            parse_audio, parse_detections, parse_train_gt, parse_val_gt)
+from rayvid.core.formats import GroundTruthError
+from rayvid.release.layout import (BadClipError, MissingFilesError, Release, clip_name, parse_audio,
+                                   parse_detections)
 
 OFFICIAL = [
     "face_train_v2.pickle", "head_train.pickle", "body_train.pickle", "audio_train.pickle",
@@ -67,52 +67,42 @@ def test_discover_lists_every_missing_file(tmp_path):
         Release.discover(tmp_path / "nope")
 
 
-# --- gt ----------------------------------------------------------------------------------
+# --- gt (parsed by rayvid.core.formats; the error cases are in test_metrics.py) ----------
 
-def test_parse_gt_files(tmp_path):
-    train = tmp_path / "train_gt.txt"
-    train.write_text("IQIYI_VID_TRAIN_0000001.mp4 7\n\nIQIYI_VID_TRAIN_0000002.mp4 10034\r\n")
-    assert parse_train_gt(train) == {"IQIYI_VID_TRAIN_0000001": 7, "IQIYI_VID_TRAIN_0000002": 10034}
-    val = tmp_path / "val_gt.txt"
-    val.write_text("3 IQIYI_VID_VAL_0000002.mp4 IQIYI_VID_VAL_0000009.mp4\n"
-                   "1 IQIYI_VID_VAL_0000001.mp4\n")
-    assert parse_val_gt(val) == {"IQIYI_VID_VAL_0000002": 3, "IQIYI_VID_VAL_0000009": 3,
-                                 "IQIYI_VID_VAL_0000001": 1}
+def _release_with_gt(tmp_path, train: str | bytes, val: str) -> Release:
+    touch(tmp_path, OFFICIAL)
+    (tmp_path / "train_gt.txt").write_bytes(train if isinstance(train, bytes) else train.encode())
+    (tmp_path / "val_gt.txt").write_text(val)
+    return Release.discover(tmp_path)
 
 
-@pytest.mark.parametrize("kind,text,match", [
-    ("train", "A.mp4 1\nB.mp4 x\n", r"train_gt.txt:2: id 'x'"),
-    ("train", "A.mp4 1\nB.mp4 10035\n", r"train_gt.txt:2: id '10035' is not an integer in 1\."),
-    ("train", "A.mp4 0\n", r"train_gt.txt:1: id '0'"),
-    ("train", "A.mp4\n", r"train_gt.txt:1: expected '<clip>.mp4 <id>'"),
-    ("train", "A 1\n", r"train_gt.txt:1: 'A' is not a <clip>.mp4 name"),
-    ("train", "A.mp4 1\nA.mp4 2\n", r"train_gt.txt:2: clip A.mp4 listed twice \(first at .*:1\)"),
-    ("val", "1 A.mp4\nx B.mp4\n", r"val_gt.txt:2: id 'x'"),
-    ("val", "1 A.mp4\n1 B.mp4\n", r"val_gt.txt:2: id 1 listed twice"),
-    ("val", "2\n", r"val_gt.txt:1: id 2 has no clips"),
-    ("val", "2 A.mp4 B.avi\n", r"val_gt.txt:1: 'B.avi' is not"),
+def test_labels_are_keyed_like_the_pickles(tmp_path):
+    r = _release_with_gt(
+        tmp_path, "IQIYI_VID_TRAIN_0000001.mp4 7\n\nIQIYI_VID_TRAIN_0000002.mp4 10034\r\n",
+        "3 IQIYI_VID_VAL_0000002.mp4 IQIYI_VID_VAL_0000009.mp4\n1 IQIYI_VID_VAL_0000001.mp4\n")
+    assert r.labels("train") == {"IQIYI_VID_TRAIN_0000001": 7, "IQIYI_VID_TRAIN_0000002": 10034}
+    assert r.labels("val") == {"IQIYI_VID_VAL_0000002": 3, "IQIYI_VID_VAL_0000009": 3,
+                               "IQIYI_VID_VAL_0000001": 1}
+    assert r.labels("test") == {}
+
+
+@pytest.mark.parametrize("split,train,val,match", [
+    ("train", "A.mp4 1\nB.mp4 x\n", "1 C.mp4\n", r"train_gt.txt:2: id 'x'"),
+    ("train", b"\xff\xfe\x00bad", "1 C.mp4\n", r"train_gt.txt: not UTF-8"),
+    ("val", "A.mp4 1\n", "1 A.mp4\n1 B.mp4\n", r"val_gt.txt:2: id 1 listed twice"),
+    ("val", "A.mp4 1\n", "2 A.mp4 B.avi\n", r"val_gt.txt:1: 'B.avi' is not"),
 ])
-def test_gt_errors_name_file_and_line(tmp_path, kind, text, match):
-    path = tmp_path / f"{kind}_gt.txt"
-    path.write_text(text)
-    parse = parse_train_gt if kind == "train" else parse_val_gt
-    with pytest.raises(GtFormatError, match=match):
-        parse(path)
-
-
-def test_gt_error_is_a_release_format_error(tmp_path):
-    path = tmp_path / "train_gt.txt"
-    path.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(ReleaseFormatError, match="not UTF-8"):
-        parse_train_gt(path)
+def test_gt_errors_name_file_and_line(tmp_path, split, train, val, match):
+    r = _release_with_gt(tmp_path, train, val)
+    with pytest.raises(GroundTruthError, match=match):
+        r.labels(split)
 
 
 def test_num_ids_bounds_labels(tmp_path):
-    path = tmp_path / "train_gt.txt"
-    path.write_text("A.mp4 301\n")
-    assert parse_train_gt(path, num_ids=301) == {"A": 301}
-    with pytest.raises(GtFormatError, match="1..300"):
-        parse_train_gt(path, num_ids=300)
+    r = _release_with_gt(tmp_path, "A.mp4 301\n", "1 B.mp4\n")
+    assert r.labels("train", num_ids=301) == {"A": 301}
+    with pytest.raises(GroundTruthError, match="1..300"):
+        r.labels("train", num_ids=300)
 
 
 # --- one clip's value --------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Unit tests of rayvid.core.metrics (the official mAP) and jobs/evaluate.py."""
+"""Unit tests of rayvid.core.metrics (the official mAP), rayvid.core.formats (the gt and
+submission files) and jobs/evaluate.py."""
 
 import subprocess
 import sys
@@ -8,17 +9,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from rayvid.core import metrics
+from rayvid.core import formats
+from rayvid.core.formats import GroundTruthError, SubmissionError, read_gt, read_submission, read_train_gt
 from rayvid.core.metrics import (
-    GroundTruthError,
-    SubmissionError,
     average_precision,
     map_from_scores,
     mean_average_precision,
     rank_keys,
-    read_gt,
-    read_submission,
-    read_train_gt,
     score_arrays,
     score_files,
     score_identities,
@@ -30,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -90,13 +87,14 @@ def test_read_gt_and_train_gt(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("1 a.mp4\nx b.mp4\n", "not an integer"),
-        ("1 a.mp4\n10035 b.mp4\n", "outside 1..10034"),
-        ("1 a.mp4\n0 b.mp4\n", "outside 1..10034"),
-        ("1 a.mp4\n2 b\n", "does not end in .mp4"),
-        ("1 a.mp4\n1 b.mp4\n", "duplicate line for identity 1"),
+        ("1 a.mp4\nx b.mp4\n", "id 'x' is not an integer"),
+        ("1 a.mp4\n10035 b.mp4\n", r"id '10035' is not an integer in 1\.\.10034"),
+        ("1 a.mp4\n0 b.mp4\n", r"id '0' is not an integer in 1\.\.10034"),
+        ("1 a.mp4\n2 b\n", r"'b' is not a <clip>\.mp4 name"),
+        ("1 a.mp4\n1 b.mp4\n", r"id 1 listed twice \(first at .*val_gt.txt:1\)"),
         ("1 a.mp4\n2\n", "has no clips"),
-        ("1 a.mp4\n2 b.mp4 b.mp4\n", "lists a clip twice"),
+        ("1 a.mp4\n2 b.mp4 b.mp4\n", r"clip b.mp4 listed twice \(first at .*val_gt.txt:2\)"),
+        ("1 a.mp4\n2 b.mp4 a.mp4\n", r"clip a.mp4 listed twice \(first at .*val_gt.txt:1\)"),
     ],
 )
 def test_read_gt_errors_name_file_and_line(tmp_path, text, message):
@@ -115,11 +113,12 @@ def test_read_gt_max_id_and_empty(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("a.mp4 1\nb.mp4\n", "2 fields|1 fields"),
-        ("a.mp4 1\nb 2\n", "does not end in .mp4"),
+        ("a.mp4 1\nb.mp4\n", "got 1 fields"),
+        ("a.mp4 1\nb 2\n", r"'b' is not a <clip>\.mp4 name"),
         ("a.mp4 1\nb.mp4 two\n", "not an integer"),
-        ("a.mp4 1\nb.mp4 0\n", "outside"),
-        ("a.mp4 1\na.mp4 2\n", "duplicate line for clip a.mp4"),
+        ("a.mp4 1\nb.mp4 0\n", r"not an integer in 1\.\.10034"),
+        ("a.mp4 1\nb.mp4 ²\n", r"not an integer in 1\.\.10034"),
+        ("a.mp4 1\na.mp4 2\n", r"clip a.mp4 listed twice \(first at .*:1\)"),
     ],
 )
 def test_read_train_gt_errors(tmp_path, text, message):
@@ -148,7 +147,7 @@ def test_submission_101_distinct_fails(tmp_path):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("1 a.mp4\nseven a.mp4\n", "not an integer"), ("1 a.mp4\n1 b.mp4\n", "duplicate line")],
+    [("1 a.mp4\nseven a.mp4\n", "not an integer"), ("1 a.mp4\n1 b.mp4\n", "id 1 listed twice")],
 )
 def test_submission_errors(tmp_path, text, message):
     path = _write(tmp_path / "sub.txt", text)
@@ -291,4 +290,4 @@ def test_evaluate_job_malformed_submission_exits_2(tmp_path):
 
 
 def test_constants():
-    assert metrics.NUM_IDENTITIES == 10034 and metrics.MAX_RANK == 100
+    assert formats.NUM_IDENTITIES == 10034 and formats.MAX_RANK == 100

@@ -22,7 +22,7 @@ from conftest import TRAINED_WEIGHTING, TRAINED_WEIGHTS
 
 from rayvid.core import fusion
 from rayvid.release import schema
-from rayvid.data.pipeline import read_meta
+from rayvid.release.schema import read_meta
 from rayvid.model.ensemble import Ensemble
 from rayvid.model.run_folder import read_serving
 from rayvid.infer.person_index import (INDEX_SCHEMA, SearchIndexError, build_index, calibrate, load_index,

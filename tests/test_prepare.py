@@ -1,7 +1,7 @@
 """Release -> Parquet dataset (rayvid.release.prepare, rayvid.release.bucketing, rayvid.release.schema, jobs/prepare.py).
 
 The round trip compares every value of the dataset with the pickles as the streaming reader
-returns them, and every label with `rayvid.core.metrics`' independent gt parser.
+returns them, and every label with the gt files as `rayvid.core.formats` reads them.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayvid.release import schema
-from rayvid.core.metrics import read_gt, read_train_gt
+from rayvid.core.formats import GroundTruthError, read_gt, read_train_gt
 from rayvid.data import pipeline as rdata
-from rayvid.release.prepare import DatasetExistsError, FeatureDimError, prepare_release, read_meta
+from rayvid.release.prepare import DatasetExistsError, FeatureDimError, prepare_release
+from rayvid.release.schema import read_meta
 from rayvid.release.pickle_reader import PickleFormatError, UnsafePickleError, iter_dict_items
 from rayvid.release.py2_writer import write_dict
-from rayvid.release.layout import BadClipError, GtFormatError, Release
+from rayvid.release.layout import BadClipError, Release
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"face": 512, "head": 16, "body": 8, "audio": 12}
@@ -321,6 +322,21 @@ def test_blob_lengths_are_checked_naming_the_column(sim):
         schema.audio_arrays(bad, sim[3]["dims"]["audio"])
 
 
+def test_read_meta_names_the_folder_and_find_meta_returns_none(tmp_path):
+    for folder in (tmp_path / "absent", tmp_path):
+        assert schema.find_meta(folder) is None
+        with pytest.raises(FileNotFoundError, match=f"{folder} is not a complete rayvid dataset"):
+            schema.read_meta(folder)
+    meta_path = tmp_path / schema.META_FILE
+    for text in ("{half", '{"format": "something-else"}', "[1]"):
+        meta_path.write_text(text)
+        assert schema.find_meta(tmp_path) is None
+        with pytest.raises(schema.DatasetFormatError, match=schema.META_FILE):
+            schema.read_meta(tmp_path)
+    meta_path.write_text(json.dumps({"format": schema.FORMAT_NAME, "version": 1}))
+    assert schema.find_meta(tmp_path)["version"] == 1  # prepare decides what to do with it
+
+
 def test_format_1_datasets_are_refused(tmp_path):
     release = make_release(tmp_path / "r")
     out = tmp_path / "d"
@@ -328,13 +344,13 @@ def test_format_1_datasets_are_refused(tmp_path):
     (out / schema.META_FILE).write_text(json.dumps({**meta, "version": 1}))
     with pytest.raises(schema.DatasetFormatError, match="format version 1.*re-run "
                        "jobs/prepare.py .*--force"):
-        rdata.read_meta(out)
+        schema.read_meta(out)
     with pytest.raises(schema.DatasetFormatError, match="re-run jobs/prepare.py"):
         rdata.split_paths(out, ["val"])
     with pytest.raises(DatasetExistsError, match="format version 1.*--force"):
         prepare_release(release, out)
     assert prepare_release(release, out, force=True)["version"] == schema.FORMAT_VERSION
-    assert rdata.read_meta(out)["version"] == schema.FORMAT_VERSION
+    assert schema.read_meta(out)["version"] == schema.FORMAT_VERSION
     # a v1 column read directly (jobs/serve.py, benches): list<float16> features
     t = pq.read_table(out / "val")
     v1 = t.set_column(t.schema.get_field_index("face_feat"), "face_feat",
@@ -446,7 +462,7 @@ def test_skip_counts_and_reports_bad_clips(tmp_path, workers):
 def test_unparsable_gt_line_fails_even_with_skip(tmp_path):
     make_release(tmp_path / "r", val_gt="1 IQIYI_VID_VAL_0000001.mp4\none B.mp4")
     for policy in ("fail", "skip"):
-        with pytest.raises(GtFormatError, match=r"val_gt.txt:2: id 'one'"):
+        with pytest.raises(GroundTruthError, match=r"val_gt.txt:2: id 'one'"):
             prepare_release(tmp_path / "r", tmp_path / "d", on_bad_clip=policy)
     assert_nothing_written(tmp_path, tmp_path / "d")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rayvid.core.metrics import read_submission
+from rayvid.core.formats import read_submission
 from rayvid.core.submission import TopKPerIdentity, write_submission
 
 

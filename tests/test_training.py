@@ -114,3 +114,14 @@ def test_train_job_rejects_unknown_config_keys():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "unknown config key: optim.lrr" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plot_history_writes_a_whole_png_over_the_old_one(tmp_path):
+    from rayvid.train.report import plot_history
+
+    path = tmp_path / "training.png"
+    path.write_bytes(b"old")
+    history = [{"epoch": 1, "loss": 1.0, "fold_map": 0.1}, {"epoch": 2, "loss": 0.5, "fold_map": 0.2}]
+    assert plot_history([{"fold": 0, "arch": "M5", "history": history}], path) == path
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["training.png"]  # no temporary left

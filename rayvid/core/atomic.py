@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,12 @@ def is_temporary(path: str | Path) -> bool:
     return name.startswith(".") and TMP_MARK in name
 
 
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+    if _is_dir(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
@@ -46,15 +50,16 @@ def _remove(path: Path) -> None:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path for `path`; the caller writes a file or makes a folder there.
-    On success it replaces `path` (a folder already at `path` is moved aside first and
-    removed after); on any error the temporary is removed and `path` is left as it was."""
+    On success it replaces `path` (a folder already at `path`, or anything there when a
+    folder replaces it, is moved aside first and removed after); on any error the temporary
+    is removed and `path` is left as it was."""
     final = Path(path)
     tmp = temporary_name(final)
     try:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{final}: nothing was written to {tmp.name}")
-        if final.is_dir() and not final.is_symlink():
+        if _is_dir(final) or (_is_dir(tmp) and (final.exists() or final.is_symlink())):
             old = temporary_name(final)
             os.replace(final, old)
             try:
@@ -62,7 +67,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             except BaseException:
                 os.replace(old, final)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, final)
     except BaseException:
@@ -78,10 +83,12 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
-    """`obj` as JSON (keys in the order given), with a trailing newline."""
-    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+def write_json(path: str | Path, obj: Any, indent: int | None = 2,
+               default: Callable[[Any], Any] | None = None) -> Path:
+    """`obj` as JSON (keys in the order given), with a trailing newline; `default` converts
+    what json cannot (as in `json.dumps`)."""
+    return write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")

@@ -74,11 +74,6 @@ def offsets_from_counts(counts: np.ndarray) -> np.ndarray:
     return offsets
 
 
-def segment_ids(offsets: np.ndarray) -> np.ndarray:
-    """(F,) int64: the clip index of every face."""
-    return np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
-
-
 def segment_sum(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Per-clip sums of `values` (F,) or (F, D) -> (n_clips,) or (n_clips, D), float32/64.
 

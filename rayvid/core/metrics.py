@@ -1,4 +1,4 @@
-"""The official iQIYI-VID-2019 metric: readers for the gt and submission files, AP and mAP.
+"""The official iQIYI-VID-2019 metric: AP and mAP (the files are read by `rayvid.core.formats`).
 
 The spec is `shared/docs/iqiyi-vid-2019.md` ("Submission and metric"), as the official
 script does it: duplicate clips in a submission line are dropped (first kept) and then at
@@ -15,26 +15,18 @@ ties by lower clip index), so it equals the file scorer on the submission predic
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-NUM_IDENTITIES = 10034  # ids 1..10034; class 0 is "other" (noise)
-MAX_RANK = 100  # clips per submission line, after dropping duplicates
-MP4 = ".mp4"
+from rayvid.core.formats import (MAX_RANK, NUM_IDENTITIES, check_ranking_length, dedupe_ranking,
+                                 read_gt, read_submission)
+
 _CHUNK_BYTES = 64 << 20  # working-set budget of one identity chunk in map_from_scores
 _LOW32 = np.uint64(0xFFFFFFFF)
-
-
-class GroundTruthError(ValueError):
-    """A malformed `val_gt.txt` / `train_gt.txt`; the message names the file and line."""
-
-
-class SubmissionError(ValueError):
-    """A malformed or over-long submission; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -47,113 +39,6 @@ class MAPResult:
     def worst(self, n: int = 5) -> list[tuple[int, float]]:
         """The n lowest-AP identities as (id, AP), lowest first, ties by id."""
         return sorted(self.per_id.items(), key=lambda item: (item[1], item[0]))[:n]
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _lines(path: str | Path, error: type[ValueError]) -> Iterator[tuple[int, list[str]]]:
-    """(1-based line number, whitespace-split tokens) of every non-blank line."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                tokens = line.split()
-                if tokens:
-                    yield lineno, tokens
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _parse_id(token: str, where: str, error: type[ValueError], max_id: int | None) -> int:
-    try:
-        identity = int(token)
-    except ValueError:
-        raise error(f"{where}: identity {token!r} is not an integer") from None
-    if max_id is not None and not 1 <= identity <= max_id:
-        raise error(f"{where}: identity {identity} is outside 1..{max_id}")
-    return identity
-
-
-def _check_clip(clip: str, where: str) -> None:
-    if not clip.endswith(MP4) or len(clip) == len(MP4):
-        raise GroundTruthError(f"{where}: clip {clip!r} does not end in {MP4}")
-
-
-def read_gt(path: str | Path, max_id: int = NUM_IDENTITIES) -> dict[int, list[str]]:
-    """Read `val_gt.txt`: one line per identity, `<id> <clip>.mp4 <clip>.mp4 ...`.
-
-    Returns {id: clip names with `.mp4`, in file order}; one entry per non-blank line, so
-    `len(result)` is the mAP denominator. Raises `GroundTruthError` (file:line) for a
-    non-integer id, an id outside 1..max_id, a duplicate id line, a line without clips,
-    a clip not ending in `.mp4` or a clip listed twice on one line (|G| would be ambiguous).
-    """
-    gt: dict[int, list[str]] = {}
-    for lineno, tokens in _lines(path, GroundTruthError):
-        where = f"{path}:{lineno}"
-        identity = _parse_id(tokens[0], where, GroundTruthError, max_id)
-        if identity in gt:
-            raise GroundTruthError(f"{where}: duplicate line for identity {identity}")
-        clips = tokens[1:]
-        if not clips:
-            raise GroundTruthError(f"{where}: identity {identity} has no clips")
-        for clip in clips:
-            _check_clip(clip, where)
-        if len(set(clips)) != len(clips):
-            raise GroundTruthError(f"{where}: identity {identity} lists a clip twice")
-        gt[identity] = clips
-    if not gt:
-        raise GroundTruthError(f"{path}: no identity lines")
-    return gt
-
-
-def read_train_gt(path: str | Path, max_id: int = NUM_IDENTITIES) -> dict[str, int]:
-    """Read `train_gt.txt`: one line per clip, `<clip>.mp4 <id>`.
-
-    Returns {clip name with `.mp4`: id}. Raises `GroundTruthError` (file:line) for a line
-    without exactly two fields, a clip not ending in `.mp4`, a non-integer id, an id outside
-    1..max_id, or a clip listed twice.
-    """
-    labels: dict[str, int] = {}
-    for lineno, tokens in _lines(path, GroundTruthError):
-        where = f"{path}:{lineno}"
-        if len(tokens) != 2:
-            raise GroundTruthError(f"{where}: expected '<clip>.mp4 <id>', got {len(tokens)} fields")
-        clip, token = tokens
-        _check_clip(clip, where)
-        identity = _parse_id(token, where, GroundTruthError, max_id)
-        if clip in labels:
-            raise GroundTruthError(f"{where}: duplicate line for clip {clip}")
-        labels[clip] = identity
-    return labels
-
-
-def dedupe_ranking(clips: Sequence[str]) -> list[str]:
-    """The official script's first step on a submission line: drop repeats, keep the first."""
-    return list(dict.fromkeys(clips))
-
-
-def read_submission(path: str | Path, max_rank: int = MAX_RANK) -> dict[int, list[str]]:
-    """Read a submission: one line per identity, `<id> <clip>.mp4 ...`, best first.
-
-    Returns {id: ranked clip names, duplicates dropped (first kept)}. Ids are not range
-    checked: ids absent from the gt are ignored by the scorer. Raises `SubmissionError`
-    (file:line) for a non-integer id, a duplicate id line, or more than `max_rank` distinct
-    clips on a line (checked after dropping duplicates, as the official script does).
-    """
-    submission: dict[int, list[str]] = {}
-    for lineno, tokens in _lines(path, SubmissionError):
-        where = f"{path}:{lineno}"
-        identity = _parse_id(tokens[0], where, SubmissionError, None)
-        if identity in submission:
-            raise SubmissionError(f"{where}: duplicate line for identity {identity}")
-        ranking = dedupe_ranking(tokens[1:])
-        if len(ranking) > max_rank:
-            raise SubmissionError(
-                f"{where}: identity {identity} has {len(ranking)} distinct clips, "
-                f"at most {max_rank} allowed"
-            )
-        submission[identity] = ranking
-    return submission
 
 
 # ------------------------------------------------------------------------------ mAP
@@ -191,10 +76,7 @@ def score_identities(
     per_id: dict[int, float] = {}
     for identity, clips in gt.items():
         ranking = dedupe_ranking(submission.get(identity, ()))
-        if len(ranking) > max_rank:
-            raise SubmissionError(
-                f"identity {identity} has {len(ranking)} distinct clips, at most {max_rank} allowed"
-            )
+        check_ranking_length(identity, ranking, max_rank)
         per_id[identity] = average_precision(ranking, set(clips))
     return MAPResult(map=sum(per_id.values()) / len(gt), per_id=per_id)
 

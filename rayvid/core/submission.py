@@ -14,24 +14,16 @@ the same rule `rayvid.core.metrics.map_from_scores` uses for fold mAP.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from rayvid.core.metrics import MAX_RANK, MP4, dedupe_ranking, rank_keys, top_keys, unpack_rank_keys
+from rayvid.core.atomic import write_text
+from rayvid.core.formats import MAX_RANK, submission_line
+from rayvid.core.metrics import rank_keys, top_keys, unpack_rank_keys
 
 _CHUNK_BYTES = 64 << 20  # working-set budget of one column chunk in TopKPerIdentity.update
-
-
-def _submission_line(identity: int, clips: Sequence[str], top_k: int) -> str:
-    for clip in clips:
-        if not clip or len(clip.split()) != 1 or clip != clip.strip():
-            raise ValueError(f"identity {identity}: clip name {clip!r} is empty or has whitespace")
-    names = [c if c.endswith(MP4) else c + MP4 for c in clips]
-    return " ".join([str(identity), *dedupe_ranking(names)[:top_k]])
 
 
 def write_submission(
@@ -40,21 +32,13 @@ def write_submission(
     """Write a submission: one line `<id> <clip>.mp4 ...` per identity, ids ascending.
 
     ranked: {id: clip names best first, with or without `.mp4` (appended when missing)};
-    repeats are dropped (first kept) and at most top_k clips written per id. Written to a
-    temporary name in the same directory, then renamed: never left half-written.
+    repeats are dropped (first kept) and at most top_k clips written per id
+    (`rayvid.core.formats.submission_line`). Written whole or not at all (`core.atomic`).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    lines = [_submission_line(int(i), ranked[i], top_k) for i in sorted(ranked)]
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    lines = [submission_line(int(i), ranked[i], top_k) for i in sorted(ranked)]
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 class TopKPerIdentity:

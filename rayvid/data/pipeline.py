@@ -17,11 +17,9 @@ the dataset's size.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -112,20 +110,9 @@ class ClipTransform:
         return {"x": np.concatenate(xs)[order], "y": np.tile(labels, self.repeats)[order]}
 
 
-def read_meta(dataset_dir: str | Path) -> dict[str, Any]:
-    """The dataset's meta JSON; a clear error when the dataset is missing or incomplete
-    (FileNotFoundError) or of another format version (`schema.DatasetFormatError`, which
-    says to re-run jobs/prepare.py --force)."""
-    path = Path(dataset_dir) / schema.META_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{dataset_dir} is not a complete rayvid dataset "
-                                f"(no {schema.META_FILE}); run jobs/prepare.py first")
-    return schema.check_version(json.loads(path.read_text()), dataset_dir)
-
-
 def split_paths(dataset_dir: str | Path, splits: tuple[str, ...] | list[str]) -> list[str]:
-    """The Parquet files of `splits`, after checking the dataset (`read_meta`)."""
-    read_meta(dataset_dir)
+    """The Parquet files of `splits`, after checking the dataset (`schema.read_meta`)."""
+    schema.read_meta(dataset_dir)
     paths = []
     for split in splits:
         part_dir = Path(dataset_dir) / split
@@ -158,7 +145,7 @@ def count_training_clips(dataset_dir: str | Path, splits: tuple[str, ...] | list
         batch = transform._filter_folds(batch)
         det = schema.list_values(batch, "face_det")
         quality = schema.list_values(batch, "face_quality")
-        offsets = schema.offsets_from_counts(schema.counts(batch, "n_faces"))
+        offsets = fusion.offsets_from_counts(schema.counts(batch, "n_faces"))
         keep = fusion.gate_mask(det, quality, *transform.gate) if transform.gate else \
             np.ones(len(det), bool)
         alive = fusion.segment_sum(keep.astype(np.int64), offsets) > 0

@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,8 @@ from rayvid.infer import predict
 from rayvid.release import schema
 from rayvid.model import run_folder
 from rayvid.model.run_folder import read_serving  # noqa: F401  (jobs call index.read_serving)
-from rayvid.core.atomic import write_json
+from rayvid.core.atomic import atomic_path, write_json
+from rayvid.core.fusion import offsets_from_counts
 from rayvid.core.metrics import top_keys, unpack_rank_keys
 from rayvid.core.submission import TopKPerIdentity
 
@@ -132,7 +131,7 @@ def _scored(spec: predict.RunSpec, dataset: str | os.PathLike, split: str, *, to
 def _frame_ranges(batch: pa.RecordBatch, wanted: pa.Array) -> pa.Table:
     """(clip, frame_min, frame_max) of the clips of `batch` in `wanted`; -1: no face."""
     batch = batch.filter(pc.is_in(batch["clip"], value_set=wanted))
-    offsets = schema.offsets_from_counts(schema.counts(batch, "n_faces"))
+    offsets = offsets_from_counts(schema.counts(batch, "n_faces"))
     frames = schema.list_values(batch, "face_frame").astype(np.int32)
     lo, hi = np.full(batch.num_rows, -1, np.int32), np.full(batch.num_rows, -1, np.int32)
     has = np.diff(offsets) > 0
@@ -207,21 +206,11 @@ def _write_index(index_dir: Path, table: pa.Table, manifest: dict[str, Any],
                  rows_per_part: int = 1 << 20) -> None:
     """Write a full version into a temp folder beside `index_dir`, then swap folders."""
     index_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index_dir.parent / f".{index_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_path(index_dir) as tmp:
+        tmp.mkdir()
         for i, lo in enumerate(range(0, max(table.num_rows, 1), rows_per_part)):
             pq.write_table(table.slice(lo, rows_per_part), tmp / f"part-{i:05d}.parquet")
         write_json(tmp / MANIFEST_FILE, {**manifest, "rows": table.num_rows})
-        if index_dir.exists():
-            old = index_dir.parent / f".{index_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(index_dir, old)
-            os.replace(tmp, index_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, index_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _source(dataset: str | os.PathLike, split: str, clips: int, version: int) -> dict[str, Any]:
@@ -301,7 +290,7 @@ def load_index(index_dir: str | os.PathLike) -> SearchIndex:
     if len(ident) and (np.diff(ident) < 0).any():
         raise SearchIndexError(f"{index_dir}: rows are not sorted by identity")
     counts = np.bincount(ident, minlength=manifest["num_classes"])[:manifest["num_classes"]]
-    return SearchIndex(manifest, schema.offsets_from_counts(counts),
+    return SearchIndex(manifest, offsets_from_counts(counts),
                        table["clip"].to_numpy(zero_copy_only=False), table["score"].to_numpy(),
                        table["frame_min"].to_numpy(), table["frame_max"].to_numpy())
 

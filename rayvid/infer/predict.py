@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 from rayvid.data import pipeline as data
 from rayvid.release import schema
 from rayvid.model import run_folder
-from rayvid.core.fusion import Weighting
-from rayvid.core.metrics import (MAX_RANK, GroundTruthError, rank_keys, read_gt, score_files,
-                            top_keys, unpack_rank_keys)
+from rayvid.core.fusion import Weighting, offsets_from_counts
+from rayvid.core.formats import MAX_RANK, GroundTruthError, read_gt
+from rayvid.core.metrics import rank_keys, score_files, top_keys, unpack_rank_keys
 from rayvid.core.submission import TopKPerIdentity, write_submission
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def batch_candidates(scores: np.ndarray, k: int = MAX_RANK
 
 
 def _list_column(values: np.ndarray, counts: np.ndarray, type_: pa.DataType) -> pa.ListArray:
-    offsets = schema.offsets_from_counts(counts).astype(np.int32)
+    offsets = offsets_from_counts(counts).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.ravel()), type=type_)
 
 
@@ -168,7 +168,7 @@ def check_split(dataset_dir: str | os.PathLike, split: str) -> dict[str, Any]:
     if not Path(dataset_dir).is_dir():
         raise PredictError(f"dataset {dataset_dir} does not exist")
     try:
-        meta = data.read_meta(dataset_dir)
+        meta = schema.read_meta(dataset_dir)
         paths = data.split_paths(dataset_dir, [split])
     except (FileNotFoundError, ValueError) as e:
         raise PredictError(str(e)) from None

@@ -25,21 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_CLASSES = 10035  # 10,034 identities + class 0 = other (4th-place convention)
+# Every architecture module is imported here so that `build_model` knows them all.
+from rayvid.model import prototype as _prototype  # noqa: F401  (registers "prototype")
+from rayvid.model.registry import MODELS, NUM_CLASSES, RayvidModel, register_model
 
-MODELS: dict[str, Callable[..., "RayvidModel"]] = {}
-
-
-def register_model(name: str) -> Callable[[Callable[..., "RayvidModel"]], Callable[..., "RayvidModel"]]:
-    """Decorator: register a builder `(in_dim, num_classes, **kwargs) -> RayvidModel`."""
-
-    def deco(fn: Callable[..., RayvidModel]) -> Callable[..., RayvidModel]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = fn
-        return fn
-
-    return deco
+__all__ = ["MLP_ARCHS", "MODELS", "NUM_CLASSES", "RayvidModel", "build_from_config",
+           "build_model", "register_model"]
 
 
 def build_model(name: str, in_dim: int = 512, num_classes: int = NUM_CLASSES, **kwargs: Any) -> "RayvidModel":
@@ -55,26 +46,6 @@ def build_from_config(config: Mapping[str, Any]) -> "RayvidModel":
     return build_model(cfg.pop("arch"), **cfg)
 
 
-class RayvidModel(nn.Module):
-    """Base class: remembers its registry name and constructor kwargs."""
-
-    input_kind: str = "clip_vector"
-    logit_scale: float = 1.0
-
-    def __init__(self, arch: str, **config: Any) -> None:
-        super().__init__()
-        self.arch = arch
-        self._config = dict(config)
-
-    def model_config(self) -> dict[str, Any]:
-        """`{"arch": name, **constructor kwargs}`, JSON-serialisable."""
-        return {"arch": self.arch, **self._config}
-
-    @property
-    def num_classes(self) -> int:
-        return int(self._config["num_classes"])
-
-
 def _init_linear(module: nn.Module) -> None:
     # 4th-place code: every Linear is Xavier-uniform with zero bias.
     for m in module.modules():
@@ -85,6 +56,8 @@ def _init_linear(module: nn.Module) -> None:
 
 
 # (width, activation, batch norm after the activation, dropout) per hidden layer: method.md.
+# M1 2-layer-sigmoid, M2 3-layer-sigmoid, M3 2-layer-swish, M4 3-layer-swish, M5
+# 3-layer-swish-new (the 4th place's main model); each is registered under its name.
 _MLP_SPECS: dict[str, tuple[tuple[int, str, bool, float], ...]] = {
     "M1": ((1024, "sigmoid", True, 0.25),),
     "M2": ((512, "sigmoid", True, 0.2), (1024, "sigmoid", True, 0.5)),
@@ -141,39 +114,15 @@ class MLP(RayvidModel):
         return self.head(self.trunk(x))
 
 
-@register_model("M1")
-def m1(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """2-layer-sigmoid."""
-    return MLP("M1", in_dim, num_classes, dropout, head_bias)
+def _register_mlp(arch: str) -> None:
+    @register_model(arch)
+    def build(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
+              head_bias: str = "zero") -> MLP:
+        return MLP(arch, in_dim, num_classes, dropout, head_bias)
 
 
-@register_model("M2")
-def m2(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """3-layer-sigmoid."""
-    return MLP("M2", in_dim, num_classes, dropout, head_bias)
-
-
-@register_model("M3")
-def m3(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """2-layer-swish."""
-    return MLP("M3", in_dim, num_classes, dropout, head_bias)
-
-
-@register_model("M4")
-def m4(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """3-layer-swish."""
-    return MLP("M4", in_dim, num_classes, dropout, head_bias)
-
-
-@register_model("M5")
-def m5(in_dim: int = 512, num_classes: int = NUM_CLASSES, dropout: float | None = None,
-       head_bias: str = "zero") -> MLP:
-    """3-layer-swish-new, the 4th place's main model."""
-    return MLP("M5", in_dim, num_classes, dropout, head_bias)
+for _arch in _MLP_SPECS:
+    _register_mlp(_arch)
 
 
 class CosineClassifier(nn.Module):
@@ -305,7 +254,3 @@ class MultiModal(RayvidModel):
         e = torch.stack([emb(p) for emb, p in zip(self.embed, parts)], dim=1) + self.modality_emb
         w = masked_softmax(self.score(e).squeeze(-1), present.bool())
         return self.head(torch.einsum("bm,bmd->bd", w, e))
-
-
-# Registers "prototype" (kept in its own module; imported last to avoid a cycle).
-from rayvid.model import prototype as _prototype  # noqa: E402,F401

@@ -8,8 +8,8 @@
     save_checkpoint(ckpt_dir, model, job_config=cfg, extra={"epoch": 3, "fold": 0, "map": 0.81})
     model, meta = load_model(ckpt_dir)   # eval mode; meta = model_config.json as a dict
 
-The directory is written as `CKPT.tmp-*` and renamed into place, so a reader never sees
-half a checkpoint; an existing checkpoint of the same name is replaced.
+The directory is written under a temporary name and renamed into place (`rayvid.core.atomic`),
+so a reader never sees half a checkpoint; an existing checkpoint of the same name is replaced.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import torch
 import yaml
 from torch import nn
 
+from rayvid.core.atomic import atomic_path, write_json, write_text
 from rayvid.model.architectures import MODELS, RayvidModel, build_from_config
 
 MODEL_FILE = "model.pt"
@@ -88,31 +87,15 @@ def save_checkpoint(
         raise TypeError(f"can only checkpoint a rayvid model (with model_config()), got {type(bare).__name__}")
     config = {**bare.model_config(), "extra": dict(extra or {})}
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
         torch.save(clean_state_dict(bare.state_dict()), tmp / MODEL_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_jsonable) + "\n")
+        write_json(tmp / CONFIG_FILE, config, default=_jsonable)
         if job_config is not None:
             if dataclasses.is_dataclass(job_config) and not isinstance(job_config, type):
                 job_config = dataclasses.asdict(job_config)
-            (tmp / JOB_CONFIG_FILE).write_text(yaml.safe_dump(dict(job_config), sort_keys=False))
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_text(tmp / JOB_CONFIG_FILE, yaml.safe_dump(dict(job_config), sort_keys=False))
     return final
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` is moved aside first, then removed."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.parent / f"{final.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -143,9 +126,3 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
         raise RuntimeError(f"checkpoint {directory}: weights do not fit arch {arch!r}: {err}") from err
     model.to(map_location)
     return model.eval(), meta
-
-
-def read_job_config(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The resolved job config saved with a checkpoint, or None if it was saved without one."""
-    path = Path(directory) / JOB_CONFIG_FILE
-    return yaml.safe_load(path.read_text()) if path.is_file() else None

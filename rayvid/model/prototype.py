@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rayvid.model.architectures import RayvidModel, register_model
+from rayvid.model.registry import NUM_CLASSES, RayvidModel, register_model
 
 
 @register_model("prototype")
@@ -26,7 +26,7 @@ class PrototypeHead(RayvidModel):
     Under the ensemble's sigmoid, cos = -bias/scale maps to 0.5.
     """
 
-    def __init__(self, in_dim: int = 512, num_classes: int = 10035, scale: float = 10.0,
+    def __init__(self, in_dim: int = 512, num_classes: int = NUM_CLASSES, scale: float = 10.0,
                  bias: float = -5.0) -> None:
         super().__init__("prototype", in_dim=in_dim, num_classes=num_classes, scale=scale,
                          bias=bias)

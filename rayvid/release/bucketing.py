@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rayvid.core.fusion import offsets_from_counts
 from rayvid.release.layout import BadClipError
 from rayvid.release.schema import (DATASET_SCHEMA, LABELLED_SPLITS, MODALITIES, MODALITY_FIELDS,
-                           NOISE_LABEL, feat_blobs, offsets_from_counts)
+                           NOISE_LABEL, feat_blobs)
 
 MiB = 1 << 20
 DEFAULT_BUCKET_BYTES = 64 * MiB

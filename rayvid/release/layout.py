@@ -17,17 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rayvid.core.formats import NUM_IDENTITIES, clip_stem, read_gt, read_train_gt
 from rayvid.release.clip_values import (DETECTION_FIELDS, BadClipError, clip_name, parse_audio,
                                 parse_detections)
 from rayvid.release.pickle_reader import ReleaseFormatError
 from rayvid.release.schema import MODALITIES, SPLITS
 
-__all__ = ["DETECTION_FIELDS", "NUM_IDENTITIES", "BadClipError", "GtFormatError",
-           "MissingFilesError", "Release", "clip_name", "parse_audio", "parse_detections",
-           "parse_train_gt", "parse_val_gt"]
+__all__ = ["DETECTION_FIELDS", "BadClipError", "MissingFilesError", "Release", "clip_name",
+           "parse_audio", "parse_detections"]
 
-NUM_IDENTITIES = 10034  # ids 1..10034; label 0 is noise ("other")
-MP4 = ".mp4"
 GT_FILES = {"train": "train_gt.txt", "val": "val_gt.txt"}
 # Accepted file names per (split, modality), in order of preference.
 PICKLE_FILES = {
@@ -37,12 +35,9 @@ PICKLE_FILES["train", "face"] = ("face_train_v2.pickle",)
 PICKLE_FILES["val", "face"] = ("face_val_v2.pickle",)
 PICKLE_FILES["test", "face"] = ("face_test.pickle", "face_test_v2.pickle")
 
+
 class MissingFilesError(ReleaseFormatError):
     """The release folder lacks required files; the message lists all of them."""
-
-
-class GtFormatError(ReleaseFormatError):
-    """A gt file line does not parse; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -97,68 +92,11 @@ class Release:
         return sum(p.stat().st_size for p in self.pickles[split].values())
 
     def labels(self, split: str, num_ids: int = NUM_IDENTITIES) -> dict[str, int]:
-        """{clip name without .mp4: id} of the split's gt file (empty for test)."""
+        """{clip name without .mp4 (the pickles' key): id} of the split's gt file (empty
+        for test); a malformed gt file raises `rayvid.core.formats.GroundTruthError`."""
         if split == "train":
-            return parse_train_gt(self.gt[split], num_ids)
+            return {clip_stem(c): i for c, i in read_train_gt(self.gt[split], num_ids).items()}
         if split == "val":
-            return parse_val_gt(self.gt[split], num_ids)
+            return {clip_stem(c): i for i, clips in read_gt(self.gt[split], num_ids).items()
+                    for c in clips}
         return {}
-
-
-def _gt_lines(path: Path):
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise GtFormatError(f"{path}: not UTF-8 text ({e})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        tokens = line.split()
-        if tokens:
-            yield f"{path}:{lineno}", tokens, line
-
-
-def _gt_id(token: str, where: str, line: str, num_ids: int) -> int:
-    if not token.isdigit() or not 1 <= int(token) <= num_ids:
-        raise GtFormatError(f"{where}: id {token!r} is not an integer in 1..{num_ids}: {line!r}")
-    return int(token)
-
-
-def _gt_clip(token: str, where: str, line: str) -> str:
-    if not token.endswith(MP4) or len(token) == len(MP4):
-        raise GtFormatError(f"{where}: {token!r} is not a <clip>{MP4} name: {line!r}")
-    return token[: -len(MP4)]
-
-
-def _add_clip(labels: dict[str, int], first: dict[str, str], clip: str, ident: int,
-              where: str) -> None:
-    if clip in labels:
-        raise GtFormatError(f"{where}: clip {clip}{MP4} listed twice (first at {first[clip]})")
-    labels[clip], first[clip] = ident, where
-
-
-def parse_train_gt(path: str | Path, num_ids: int = NUM_IDENTITIES) -> dict[str, int]:
-    """`train_gt.txt`: lines `<clip>.mp4 <id>` -> {clip: id}; GtFormatError names file:line."""
-    labels: dict[str, int] = {}
-    first: dict[str, str] = {}
-    for where, tokens, line in _gt_lines(Path(path)):
-        if len(tokens) != 2:
-            raise GtFormatError(f"{where}: expected '<clip>.mp4 <id>', got {line!r}")
-        _add_clip(labels, first, _gt_clip(tokens[0], where, line),
-                  _gt_id(tokens[1], where, line, num_ids), where)
-    return labels
-
-
-def parse_val_gt(path: str | Path, num_ids: int = NUM_IDENTITIES) -> dict[str, int]:
-    """`val_gt.txt`: lines `<id> <clip>.mp4 ...` -> {clip: id}; GtFormatError names file:line."""
-    labels: dict[str, int] = {}
-    first: dict[str, str] = {}
-    seen_ids: dict[int, str] = {}
-    for where, tokens, line in _gt_lines(Path(path)):
-        ident = _gt_id(tokens[0], where, line, num_ids)
-        if ident in seen_ids:
-            raise GtFormatError(f"{where}: id {ident} listed twice (first at {seen_ids[ident]})")
-        if len(tokens) < 2:
-            raise GtFormatError(f"{where}: id {ident} has no clips: {line!r}")
-        seen_ids[ident] = where
-        for token in tokens[1:]:
-            _add_clip(labels, first, _gt_clip(token, where, line), ident, where)
-    return labels

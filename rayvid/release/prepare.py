@@ -17,13 +17,13 @@ processes (`rayvid.release.task_pool`); this process gathers what they found (cl
 feature dims, bad clips, items per file) between the passes, and the dataset is the same
 whatever N. Memory is O(bucket + batch of clips) per worker plus the clip names of
 train/val in this process (for noise labels and `strat_rank`), independent of the release
-size. Everything is written to `OUT.tmp-<pid>`; `_rayvid_dataset.json` is written last and
-the folder renamed to OUT. Jobs: `jobs/prepare.py --release DIR --out DATASET`.
+size. Everything is written to a temporary folder next to OUT (`rayvid.core.atomic`);
+`_rayvid_dataset.json` is written last and the folder renamed to OUT.
+Jobs: `jobs/prepare.py --release DIR --out DATASET`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -32,13 +32,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rayvid.core.atomic import atomic_path, write_json
+from rayvid.core.formats import NUM_IDENTITIES
 from rayvid.release import bucketing
 from rayvid.release.pickle_reader import ReleaseFormatError
 from rayvid.release.prepare_tasks import (STAT_KEYS, SpillResult, SpillTask, WriteResult, WriteTask,
                                   peak_rss_bytes, spill_file, write_bucket)
-from rayvid.release.layout import NUM_IDENTITIES, BadClipError, Release
+from rayvid.release.layout import BadClipError, Release
 from rayvid.release.schema import (FACE_DIM, FORMAT_NAME, FORMAT_VERSION, LABELLED_SPLITS, META_FILE,
-                           MODALITIES)
+                           MODALITIES, find_meta)
 from rayvid.release.strat import strat_ranks
 from rayvid.release.task_pool import TaskPool
 
@@ -48,7 +50,7 @@ ON_BAD_CLIP = ("fail", "skip")
 MAX_REPORTED_SKIPS = 20
 Progress = Callable[[dict], None]
 __all__ = ["DatasetExistsError", "FeatureDimError", "default_workers", "peak_rss_bytes",
-           "children_peak_rss_bytes", "prepare_release", "read_meta"]
+           "children_peak_rss_bytes", "prepare_release"]
 
 
 class DatasetExistsError(FileExistsError):
@@ -62,17 +64,6 @@ class FeatureDimError(ReleaseFormatError):
 def default_workers() -> int:
     """The job's default: one worker per CPU, at most 4."""
     return max(1, min(os.cpu_count() or 1, 4))
-
-
-def read_meta(dataset: str | Path) -> dict | None:
-    """The meta of a complete prepared dataset (any format version), or None if `dataset`
-    is not one."""
-    path = Path(dataset) / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT_NAME else None
 
 
 def children_peak_rss_bytes() -> int:
@@ -101,7 +92,7 @@ def prepare_release(release_dir: str | Path, out_dir: str | Path, *, on_bad_clip
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out, source = Path(out_dir), str(Path(release_dir).resolve())
-    meta = read_meta(out)
+    meta = find_meta(out)
     if meta is not None and not force:
         if meta.get("source") != source:
             raise DatasetExistsError(f"{out} was prepared from {meta.get('source')}, not "
@@ -117,37 +108,12 @@ def prepare_release(release_dir: str | Path, out_dir: str | Path, *, on_bad_clip
                                  "to replace it")
     release = Release.discover(release_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(out) as tmp:  # an old OUT (--force) is replaced only when tmp is complete
         tmp.mkdir()
-        converter = _Converter(release, tmp, on_bad_clip, bucket_bytes, num_ids, progress,
-                               workers)
-        meta = converter.run()
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        meta = _Converter(release, tmp, on_bad_clip, bucket_bytes, num_ids, progress,
+                          workers).run()
+        write_json(tmp / META_FILE, meta, indent=1)  # last: it marks the dataset complete
     return meta
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an old out is moved aside first and removed only afterwards."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 class _Converter:

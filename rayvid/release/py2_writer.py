@@ -23,6 +23,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from rayvid.core.atomic import atomic_path
+
 __all__ = ["write_dict"]
 
 _P_I4, _P_U2, _P_U4, _P_F8 = (struct.Struct(f).pack for f in ("<i", "<H", "<I", ">d"))
@@ -201,53 +203,45 @@ def write_dict(path: str | os.PathLike, items: Iterable[tuple[bytes, object]],
     """Write ``items`` as one dict, the way python 2.7 cPickle protocol 2 would; -> count.
 
     Streams: items are encoded one at a time (``MARK k v ... SETITEMS`` batches of
-    ``batch_size``, a lone last item with SETITEM) into ``path.tmp-<pid>``, renamed to
-    ``path`` at the end. Keys: ``bytes`` (py2 str) or ``str`` (unicode). Values: bytes,
+    ``batch_size``, a lone last item with SETITEM) into a temporary file renamed to
+    ``path`` at the end (``rayvid.core.atomic``). Keys: ``bytes`` (py2 str) or ``str`` (unicode). Values: bytes,
     str, int, float, bool, None, list, tuple, dict, numpy arrays of numeric dtypes; numpy
     scalars are written as plain python numbers unless ``numpy_scalars`` (then as py2
     numpy's ``numpy.core.multiarray.scalar``).
     """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     w = _Py2Writer(numpy_scalars)
     count = 0
-    try:
-        with open(tmp, "wb", buffering=1 << 20) as f:
-            out = bytearray(b"\x80\x02}")
-            w.put(out)
-            it = iter(items)
-            while (first := next(it, _END)) is not _END:
-                second = next(it, _END) if batch_size > 1 else _END
-                if second is _END:  # a lone item: no MARK, SETITEM (cPickle batch_dict)
-                    w.save_pair(out, first)
-                    out += b"s"
-                    count += 1
-                    if batch_size > 1:
-                        break
-                    continue
-                out += b"("
-                n, item = 0, first
-                while True:
-                    w.save_pair(out, item)
-                    n += 1
-                    if len(out) >= 1 << 20:
-                        f.write(out)
-                        out.clear()
-                    if n == 1:
-                        item = second
-                    elif n == batch_size or (item := next(it, _END)) is _END:
-                        break
-                out += b"u"
-                count += n
-                if n < batch_size:
+    with atomic_path(path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
+        out = bytearray(b"\x80\x02}")
+        w.put(out)
+        it = iter(items)
+        while (first := next(it, _END)) is not _END:
+            second = next(it, _END) if batch_size > 1 else _END
+            if second is _END:  # a lone item: no MARK, SETITEM (cPickle batch_dict)
+                w.save_pair(out, first)
+                out += b"s"
+                count += 1
+                if batch_size > 1:
                     break
-            out += b"."
-            f.write(out)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+                continue
+            out += b"("
+            n, item = 0, first
+            while True:
+                w.save_pair(out, item)
+                n += 1
+                if len(out) >= 1 << 20:
+                    f.write(out)
+                    out.clear()
+                if n == 1:
+                    item = second
+                elif n == batch_size or (item := next(it, _END)) is _END:
+                    break
+            out += b"u"
+            count += n
+            if n < batch_size:
+                break
+        out += b"."
+        f.write(out)
     return count

@@ -16,11 +16,15 @@ in Parquet); a version-1 dataset is refused with `DatasetFormatError`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+
+from rayvid.core.fusion import offsets_from_counts
 
 FORMAT_NAME = "rayvid-dataset"
 FORMAT_VERSION = 2
@@ -74,7 +78,6 @@ MODALITY_FIELDS = {"face": FACE_FIELDS, "head": HEAD_FIELDS, "body": BODY_FIELDS
                    "audio": AUDIO_FIELDS}
 DATASET_SCHEMA = pa.schema(KEY_FIELDS + FACE_FIELDS + HEAD_FIELDS + BODY_FIELDS + AUDIO_FIELDS)
 COUNT_COLUMN = {"face": "n_faces", "head": "n_heads", "body": "n_bodies"}
-FEAT_COLUMNS = tuple(f"{m}_feat" for m in MODALITIES)
 
 
 class DatasetFormatError(ValueError):
@@ -90,6 +93,43 @@ def check_version(meta: dict, dataset: object) -> dict:
             f"{dataset} is a rayvid dataset of format version {version}; this rayvid reads "
             f"version {FORMAT_VERSION} (features as float16 blobs): re-run jobs/prepare.py "
             f"--release {meta.get('source', 'RELEASE')} --out {dataset} --force")
+    return meta
+
+
+def find_meta(dataset: str | Path) -> dict | None:
+    """The meta (`META_FILE`) of a complete rayvid dataset at `dataset`, of any format
+    version, or None when `dataset` holds none (no META_FILE: missing, empty, or a conversion
+    that never finished; or a META_FILE that is not a rayvid dataset's). For callers that
+    decide what to do with a folder (prepare: rebuild or leave alone); readers use
+    `read_meta`."""
+    try:
+        return _load_meta(dataset)
+    except (FileNotFoundError, DatasetFormatError):
+        return None
+
+
+def read_meta(dataset: str | Path) -> dict:
+    """The meta of the complete rayvid dataset at `dataset`, of this FORMAT_VERSION.
+
+    Raises FileNotFoundError naming the folder when it holds no complete dataset, and
+    DatasetFormatError when META_FILE is not a rayvid dataset's or is of another version
+    (the message says to re-run jobs/prepare.py --force).
+    """
+    return check_version(_load_meta(dataset), dataset)
+
+
+def _load_meta(dataset: str | Path) -> dict:
+    path = Path(dataset) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset} is not a complete rayvid dataset (no {META_FILE}); "
+                                "run jobs/prepare.py first")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetFormatError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise DatasetFormatError(f"{path}: not a {FORMAT_NAME} meta file (no \"format\": "
+                                 f"\"{FORMAT_NAME}\")")
     return meta
 
 
@@ -134,13 +174,6 @@ def list_values(batch: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
     Respects list offsets of a sliced batch (`flatten`, not `.values`).
     """
     return _column(batch, name).flatten().to_numpy(zero_copy_only=False)
-
-
-def offsets_from_counts(counts: np.ndarray) -> np.ndarray:
-    """(n,) counts -> (n+1,) int64 offsets `[0, cumsum(counts)...]`."""
-    out = np.zeros(len(counts) + 1, np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out
 
 
 def counts(batch: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:

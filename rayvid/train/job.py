@@ -8,14 +8,14 @@ is skipped when its output is already complete, so rerunning the same command re
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
+from rayvid.core.atomic import write_json
 from rayvid.train import baseline
 from rayvid.config import dump_yaml, to_dict
-from rayvid.data.pipeline import read_meta
+from rayvid.release.schema import read_meta
 from rayvid.train.kfold import train_kfold
 from rayvid.train.report import plot_history
 from rayvid.train.config import TrainJobConfig
@@ -86,7 +86,5 @@ def run_training(cfg: TrainJobConfig, run_dir: str | Path) -> dict:
         "plot": str(plot_history(results, run_dir / "training.png", title=cfg.name)),
         "summary": str(run_dir / "summary.json"),
     }
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(run_dir / "summary.json")
+    write_json(run_dir / "summary.json", summary, default=str)
     return summary

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from rayvid.data import pipeline as rdata
 from rayvid.config import to_dict
+from rayvid.core.atomic import write_json
 from rayvid.model import run_folder
+from rayvid.release.schema import read_meta
 from rayvid.train.config import TrainJobConfig
 from rayvid.train.worker import RESULT_FILE, FoldPlan, plan_fold, train_loop_per_worker
 
@@ -65,7 +67,7 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
     out.mkdir(parents=True, exist_ok=True)
     train_tf, heldout_tf = transforms(cfg, fold)
     n_train = rdata.count_training_clips(dataset, cfg.folds.splits, train_tf)
-    plan = plan_fold(cfg, n_train, rdata.read_meta(dataset)["num_classes"], fold, arch, out)
+    plan = plan_fold(cfg, n_train, read_meta(dataset)["num_classes"], fold, arch, out)
     train_tf = dataclasses.replace(train_tf, repeats=plan.repeats)
     what = "qFDA draws" if cfg.qfda.enabled else "copies of its qFF vector"
     log.info("[fold %d %s] %d training clips, %d %s per clip per epoch, %d epochs x %d steps",
@@ -99,9 +101,7 @@ def _finish(out: Path, plan: FoldPlan, result, seconds: float) -> dict:
                "best_map": max((h["fold_map"] for h in history), default=None),
                "seconds": round(seconds, 1), "plan": dataclasses.asdict(plan),
                "restores": state.get("restores", []), "history": history}
-    tmp = out / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / RESULT_FILE)
+    write_json(out / RESULT_FILE, summary)
     return summary
 
 
@@ -129,7 +129,7 @@ def train_kfold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path) -
             results = list(pool.map(lambda j: train_fold(cfg, dataset, run_dir, *j), jobs))
     else:
         results = [train_fold(cfg, dataset, run_dir, f, a) for f, a in jobs]
-    num_classes = rdata.read_meta(dataset)["num_classes"]
+    num_classes = read_meta(dataset)["num_classes"]
     proto = fit_prototype(cfg, dataset, run_dir, num_classes) if cfg.model.prototype_weight > 0 else None
     write_ensemble(cfg, run_dir, results, num_classes, proto)
     return results

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rayvid.core.atomic import atomic_path
+
 
 def plot_history(results: list[dict], path: str | Path, title: str = "rayvid training") -> Path:
     """PNG with training loss and held-out fold mAP per epoch, one line per (fold, arch)."""
@@ -27,10 +29,9 @@ def plot_history(results: list[dict], path: str | Path, title: str = "rayvid tra
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from rayvid.core.atomic import atomic_path
 from rayvid.tune.config import TuneJobConfig, is_number
 
 
@@ -83,10 +84,9 @@ def plot_sweep(cfg: TuneJobConfig, table: pd.DataFrame, curves: dict, path: Path
         ax.set_visible(False)
     fig.suptitle(f"{cfg.name}: {len(table)} trials, fold {s.fold} {s.arch}")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rayvid.core.atomic import atomic_path
+from rayvid.core.formats import train_gt_line, val_gt_line
 from rayvid.release.py2_writer import write_dict
 from rayvid.release.simulator.features import VALUE, modality
 from rayvid.release.simulator.latent import clip_latent
@@ -66,25 +68,22 @@ def iter_clips(world: World, modality_name: str, split: str, stats: dict | None 
 
 
 def _write_text(path: Path, lines: Iterator[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="ascii", newline="\n") as f:
         for line in lines:
             f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def _gt_lines(world: World, split: str) -> Iterator[str]:
     gids = world.clip_gid[split]
     if split == "train":
         for i, g in enumerate(gids.tolist()):
-            yield f"{clip_name(split, i)}.mp4 {g + 1}"
+            yield train_gt_line(clip_name(split, i), g + 1)
         return
     known = np.flatnonzero(gids < world.n_known)
     order = known[np.argsort(gids[known], kind="stable")]
     bounds = np.flatnonzero(np.diff(gids[order])) + 1
     for group in np.split(order, bounds) if order.size else []:
-        names = " ".join(f"{clip_name(split, int(i))}.mp4" for i in group)
-        yield f"{int(gids[group[0]]) + 1} {names}"
+        yield val_gt_line(int(gids[group[0]]) + 1, [clip_name(split, int(i)) for i in group])
 
 
 def _split_counts(world: World, split: str) -> dict:
