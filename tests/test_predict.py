@@ -207,7 +207,7 @@ def test_cli_missing_run_exits_2(tmp_path):
 
 def test_gt_is_checked_before_running(tmp_path):
     (tmp_path / "gt.txt").write_text("1 a.mp4\n1 b.mp4\n")
-    with pytest.raises(PredictError, match="duplicate line"):
+    with pytest.raises(PredictError, match=r"gt\.txt:2: id 1 listed twice"):
         find_gt({}, "test", tmp_path / "gt.txt")
     with pytest.raises(PredictError, match="gt file"):
         find_gt({}, "val", tmp_path / "missing.txt")

@@ -190,7 +190,9 @@ def find_gt(meta: dict[str, Any], split: str, gt_path: str | os.PathLike | None)
         return None
     try:
         read_gt(gt_path)
-    except (OSError, GroundTruthError) as e:
+    except GroundTruthError as e:  # its message starts with the file and line
+        raise PredictError(f"gt file: {e}") from None
+    except OSError as e:
         raise PredictError(f"gt file {gt_path}: {e}") from None
     return Path(gt_path)
 
