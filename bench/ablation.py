@@ -16,16 +16,14 @@ Writes DIR/ablation.json, DIR/ablation.md (the table) and DIR/ablation.png.
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import prepared_dataset, ray_env
+
+ray_env()
 
 from rayvid.config import load_config  # noqa: E402
 from rayvid.train.config import TrainJobConfig  # noqa: E402
@@ -132,14 +130,7 @@ def main() -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if not args.dataset:
-        from rayvid.release.prepare import prepare_release
-        from rayvid.release.simulator import simulate_release
-
-        release, dataset = work / "release", work / "dataset"
-        if not (release / "val_gt.txt").exists():
-            simulate_release(release, args.ids, 0)
-        if not (dataset / "_rayvid_dataset.json").exists():
-            prepare_release(release, dataset)
+        release, dataset = prepared_dataset(work, args.ids)
         args.release, args.dataset = str(release), str(dataset)
     args.gt = str(Path(args.release) / "val_gt.txt") if args.release else None
 
