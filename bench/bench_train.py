@@ -32,14 +32,15 @@ import torch  # noqa: E402
 from rayvid.config import load_config  # noqa: E402
 from rayvid.model.architectures import build_model  # noqa: E402
 from rayvid.train.config import TrainJobConfig  # noqa: E402
-from rayvid.train.worker import build_criterion, model_kwargs, train_step, use_bf16  # noqa: E402
+from rayvid.train.worker import (build_criterion, make_optimizer, model_kwargs,  # noqa: E402
+                                 train_step, use_bf16)
 
 
 def ceiling(cfg: TrainJobConfig, num_classes: int, steps: int, device: torch.device) -> float:
     """Samples/s of the worker's own step (forward + loss + backward + Adam) on a resident
     batch: no data path. Best of 3 repeats of `steps // 3` steps, after a warm-up."""
     model = build_model("M5", num_classes=num_classes, **model_kwargs(cfg, "M5")).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = make_optimizer(cfg, model)
     criterion, schedule = build_criterion(cfg)
     criterion.set_weights(schedule.at(0.0))
     b, chunk = cfg.optim.batch_size, max(1, steps // 3)

@@ -20,7 +20,7 @@ from rayvid.model.architectures import build_model
 from rayvid.model.checkpoints import save_checkpoint
 from rayvid.train.config import TrainJobConfig
 from rayvid.train.kfold import write_ensemble
-from rayvid.train.worker import build_criterion, model_kwargs, train_step, use_bf16
+from rayvid.train.worker import build_criterion, make_optimizer, model_kwargs, train_step, use_bf16
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,7 +41,7 @@ def test_train_step_bf16_on_cuda():
     assert use_bf16(cfg, device), "the default config trains in bf16 on CUDA"
     torch.manual_seed(0)
     model = build_model("M5", num_classes=C, **model_kwargs(cfg, "M5")).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = make_optimizer(cfg, model)
     criterion, schedule = build_criterion(cfg)
     criterion.set_weights(schedule.at(0.0))
     before = copy.deepcopy(model.state_dict())

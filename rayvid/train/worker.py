@@ -96,6 +96,11 @@ def build_criterion(cfg: TrainJobConfig) -> tuple[MixedLoss, LossSchedule]:
     return MixedLoss({n: 1.0 for n in schedule.names}, options), schedule
 
 
+def make_optimizer(cfg: TrainJobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The `optim` section's optimizer over `model`'s parameters."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
 def use_bf16(cfg: TrainJobConfig, device: torch.device) -> bool:
     """bf16 autocast: when the config asks for it (`train.bf16`) and only on CUDA."""
     return cfg.train.bf16 and device.type == "cuda"
@@ -215,7 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
         build_model(plan.arch, in_dim=512, num_classes=plan.num_classes,
                     **model_kwargs(cfg, plan.arch)))
     device = ray.train.torch.get_device()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = make_optimizer(cfg, model)
     state = _restore(model, opt)
     criterion, loss_schedule = build_criterion(cfg)
     lrs = lr_schedule(cfg)
