@@ -15,17 +15,16 @@ Writes DIR/ablation.json, DIR/ablation.md (the table) and DIR/ablation.png.
 """
 
 import argparse
+import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import prepared_dataset, ray_env
+
+ray_env()
 
 from rayvid.config import load_config  # noqa: E402
 from rayvid.train.config import TrainJobConfig  # noqa: E402
@@ -70,16 +69,16 @@ def run_row(name: str, overrides: list[str], args, work: Path) -> dict:
 def mlp_only_map(run_dir: Path, args) -> float:
     """Val mAP of the run's MLP members without the prototype head."""
     from rayvid.infer.predict import predict_split
+    from rayvid.model import run_folder
 
     alt = run_dir / "mlp_only"
     result = alt / "result.json"
     if result.exists():
         return json.loads(result.read_text())["map"]
-    spec = json.loads((run_dir / "ensemble.json").read_text())
-    spec["members"] = [dict(m, path=str((run_dir / m["path"]).resolve()))
-                       for m in spec["members"] if m.get("arch") != "prototype"]
-    alt.mkdir(exist_ok=True)
-    (alt / "ensemble.json").write_text(json.dumps(spec, indent=2))
+    spec = run_folder.read_ensemble(run_dir)
+    mlps = tuple(dataclasses.replace(m, path=str((run_dir / m.path).resolve()))
+                 for m in spec.members if m.arch != "prototype")
+    run_folder.write_ensemble(alt, dataclasses.replace(spec, members=mlps))
     pred = predict_split(alt, args.dataset, "val", alt / "submission_val.txt", gt_path=args.gt)
     result.write_text(json.dumps({"map": pred["map"]}))
     return pred["map"]
@@ -132,14 +131,7 @@ def main() -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if not args.dataset:
-        from rayvid.release.prepare import prepare_release
-        from rayvid.release.simulator import simulate_release
-
-        release, dataset = work / "release", work / "dataset"
-        if not (release / "val_gt.txt").exists():
-            simulate_release(release, args.ids, 0)
-        if not (dataset / "_rayvid_dataset.json").exists():
-            prepare_release(release, dataset)
+        release, dataset = prepared_dataset(work, args.ids)
         args.release, args.dataset = str(release), str(dataset)
     args.gt = str(Path(args.release) / "val_gt.txt") if args.release else None
 

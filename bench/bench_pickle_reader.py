@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-MiB = 1 << 20
+from _common import REPO, MiB
 
 _CHILD = r"""
 import json, os, pickle, sys, time

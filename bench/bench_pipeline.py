@@ -13,14 +13,10 @@ number to read (target >= 0.5).
 import argparse
 import glob
 import os
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import dataset_arg, ray_env, ratio_line, timed
+
+ray_env()
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -52,24 +48,10 @@ def ray_epoch(ds) -> int:
     return sum(len(b["y"]) for b in ds.iter_batches(batch_size=BATCH, batch_format="numpy"))
 
 
-def timed(fn, epochs: int) -> float:
-    fn()  # warm-up epoch (imports, worker start-up)
-    t0, rows = time.perf_counter(), 0
-    for _ in range(epochs):
-        rows += fn()
-    return rows / (time.perf_counter() - t0)
-
-
-def dataset_dir(args) -> str:
-    if args.dataset:
-        return args.dataset
-    from rayvid.release.prepare import prepare_release
-    from rayvid.release.simulator import simulate_release
-
-    tmp = Path(tempfile.mkdtemp(prefix="rayvid-bench-"))
-    simulate_release(tmp / "release", args.ids, seed=0)
-    prepare_release(tmp / "release", tmp / "dataset")
-    return str(tmp / "dataset")
+def samples_per_s(epoch, epochs: int) -> float:
+    """Samples/s over `epochs` timed epochs after a warm-up one (imports, worker start-up)."""
+    t = timed(epoch, repeats=epochs, warmup=1)
+    return t.result * epochs / t.total_wall  # every epoch hands out the same samples
 
 
 def main() -> None:
@@ -80,22 +62,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=4, help="qFDA samples per clip per epoch")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     args = p.parse_args()
-    ds_dir = dataset_dir(args)
+    ds_dir = dataset_arg(args.dataset, args.ids)
     files = rdata.split_paths(ds_dir, ["train"])
     tf = transform(args.repeats)
-    bare = timed(lambda: bare_epoch(files, tf), args.epochs)
+    bare = samples_per_s(lambda: bare_epoch(files, tf), args.epochs)
 
     import ray
 
     ray.init(address="local", num_cpus=args.num_cpus, logging_level="ERROR", log_to_driver=False)
     ds = rdata.clip_dataset(ds_dir, ["train"], tf, shuffle=True, batch_size=BATCH)
-    through_ray = timed(lambda: ray_epoch(ds), args.epochs)
+    through_ray = samples_per_s(lambda: ray_epoch(ds), args.epochs)
     ray.shutdown()
     n_files = len(glob.glob(f"{ds_dir}/train/*.parquet"))
     print(f"dataset {ds_dir} ({n_files} train files), {args.num_cpus} CPUs, batch {BATCH}")
-    print(f"bare numpy loop : {bare:>10,.0f} samples/s")
-    print(f"Ray Data        : {through_ray:>10,.0f} samples/s")
-    print(f"ratio ray/bare  : {through_ray / bare:.2f}  (target >= 0.50)")
+    ratio_line("training read path", through_ray, bare, "samples/s", target=0.5,
+               names=("ray", "bare"))
 
 
 if __name__ == "__main__":

@@ -21,19 +21,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, MiB, run_child, simulate
 
-from rayvid.release.layout import Release  # noqa: E402
-from rayvid.release.schema import META_FILE  # noqa: E402
-
-MiB = 1 << 20
+from rayvid.release.layout import Release
+from rayvid.release.schema import META_FILE
 
 _LOAD_ALL = r"""
 import json, pickle, sys, time
@@ -46,20 +42,6 @@ for path in sys.argv[1:]:
     del d
 print(json.dumps(out))
 """
-
-
-def run_child(cmd: list[str]) -> tuple[str, int, float]:
-    """Run cmd; (stdout+stderr, peak RSS bytes of it and its reaped children, wall s)."""
-    t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             cwd=REPO)
-    output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.exit(f"{cmd[1]} failed ({code}):\n{output}")
-    return output, usage.ru_maxrss * 1024, wall
 
 
 def pickle_baseline(release: Release) -> tuple[float, int, dict[str, float]]:
@@ -78,18 +60,6 @@ def prepare(release: Path, out: Path, workers: str, bucket_mib: int) -> dict:
     output, rss, wall = run_child(cmd)
     meta = json.loads((out / META_FILE).read_text())
     return {"workers": workers, "meta": meta, "rss": rss, "wall": wall, "output": output}
-
-
-def simulate(out: Path, ids: int, faces_per_clip: float | None) -> None:
-    from rayvid.release.simulator import simulate_release
-
-    params = {} if faces_per_clip is None else {"faces_per_clip": faces_per_clip}
-    try:  # OpenBLAS threads spinning on a busy small box slow the simulator ~50x
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        from contextlib import nullcontext as threadpool_limits
-    with threadpool_limits(1):
-        simulate_release(out, ids=ids, seed=0, **params)
 
 
 def main() -> None:

@@ -17,32 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, MiB, run_child, simulate
 
-from rayvid.release.schema import META_FILE  # noqa: E402
-from rayvid.release.simulator import simulate_release  # noqa: E402
-
-MiB = 1 << 20
-
-
-def simulate(out: Path, ids: int, faces_per_clip: float | None) -> int:
-    """Simulate a release; returns its size in bytes."""
-    params = {} if faces_per_clip is None else {"faces_per_clip": faces_per_clip}
-    try:  # OpenBLAS threads spinning on a busy small box slow the simulator ~50x
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        from contextlib import nullcontext as threadpool_limits
-    with threadpool_limits(1):
-        return simulate_release(out, ids=ids, seed=0, **params)["bytes"]
+from rayvid.release.schema import META_FILE
 
 
 def prepare_in_child(release: Path, out: Path, bucket_mib: int,
@@ -52,15 +35,8 @@ def prepare_in_child(release: Path, out: Path, bucket_mib: int,
            "--out", str(out), "--bucket-mib", str(bucket_mib)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
-    t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if child.returncode != 0:
-        sys.exit(f"prepare failed ({child.returncode}):\n{output}")
-    return json.loads((out / META_FILE).read_text()), usage.ru_maxrss * 1024, wall
+    _, rss, wall = run_child(cmd)
+    return json.loads((out / META_FILE).read_text()), rss, wall
 
 
 def main() -> None:

@@ -3,19 +3,18 @@
 The baseline is the shape of the 4th place's inference code: for every clip, loop over its
 face items (as the pickle gives them: [frame, bbox, det, quality, feat]), weight each face
 by q * d * W(q), accumulate, divide. Both run single-threaded in this process on the same
-faces; the ratio is what to read (absolute times on a shared machine are noisy).
+faces; times are this process's CPU seconds (`process_time`, best of `--repeats`: other
+load on a shared machine barely moves them); the ratio is what to read.
 
     python bench/bench_qff.py [--clips 20000] [--repeats 3]
 """
 
 import argparse
 import os
-import sys
-import time
-from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # per core
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import ratio_line, timed
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # per core: process_time then is one core's time
 
 import numpy as np  # noqa: E402
 
@@ -55,15 +54,6 @@ def make(n_clips: int, seed: int = 0):
     return feat, det, quality, offsets, clips
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clips", type=int, default=20000)
@@ -72,15 +62,17 @@ def main() -> None:
     args = p.parse_args()
     feat, det, quality, offsets, clips = make(args.clips)
     n_faces = int(offsets[-1])
-    t_vec, fused = best_of(lambda: fusion.qff(feat, det, quality, offsets), args.repeats)
+    vec = timed(lambda: fusion.qff(feat, det, quality, offsets), args.repeats)
     m = args.loop_clips
-    t_loop, looped = best_of(lambda: per_clip_loop(clips[:m]), 1)
+    loop = timed(lambda: per_clip_loop(clips[:m]), 1)
+    (t_vec, fused), (t_loop, looped) = (vec.best_cpu, vec.result), (loop.best_cpu, loop.result)
     loop_faces = int(offsets[m])
     np.testing.assert_allclose(looped, fused[0][:m], rtol=1e-3, atol=1e-3)  # same function
     vec_rate, loop_rate = n_faces / t_vec, loop_faces / t_loop
     print(f"qFF vectorised : {n_faces:>10,} faces in {t_vec:7.3f} s = {vec_rate / 1e6:6.2f} M faces/s")
     print(f"per-clip loop  : {loop_faces:>10,} faces in {t_loop:7.3f} s = {loop_rate / 1e6:6.3f} M faces/s")
-    print(f"speed-up       : {vec_rate / loop_rate:,.0f}x (single thread, same faces, same result)")
+    ratio_line("qFF, single thread, same faces, same result", vec_rate, loop_rate, "faces/s",
+               names=("vectorised", "loop"))
 
 
 if __name__ == "__main__":

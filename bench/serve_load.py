@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, ray_env
 
-from rayvid.core import fusion  # noqa: E402
-from rayvid.infer import predict  # noqa: E402
-from rayvid.release import schema  # noqa: E402
+from rayvid.core import fusion
+from rayvid.infer import predict
+from rayvid.release import schema
 
 
 def load_clips(run: Path, n: int) -> list[dict]:
@@ -232,7 +231,7 @@ def start_app(run: Path, replicas: int | None, num_cpus: int, per_deployment: in
         for opts in [app["args"]["members"], *app.get("deployments", [])]:
             opts["autoscaling_config"] = {**opts.get("autoscaling_config", {}),
                                           "min_replicas": replicas, "max_replicas": replicas}
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    ray_env()
     address = os.environ.get("RAY_ADDRESS") or None  # else a fresh local Ray of num_cpus
     ctx = ray.init(address=address or "local", num_cpus=None if address else num_cpus,
                    logging_level="ERROR", log_to_driver=False)

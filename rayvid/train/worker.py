@@ -96,6 +96,33 @@ def build_criterion(cfg: TrainJobConfig) -> tuple[MixedLoss, LossSchedule]:
     return MixedLoss({n: 1.0 for n in schedule.names}, options), schedule
 
 
+def make_optimizer(cfg: TrainJobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The `optim` section's optimizer over `model`'s parameters."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def use_bf16(cfg: TrainJobConfig, device: torch.device) -> bool:
+    """bf16 autocast: when the config asks for it (`train.bf16`) and only on CUDA."""
+    return cfg.train.bf16 and device.type == "cuda"
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, criterion: MixedLoss,
+               x: torch.Tensor, y: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """One optimizer step, the worker's and the benchmarks' own: forward under bf16
+    autocast when `bf16`, the loss on float32 logits, backward, `opt.step()`.
+
+    x: (batch, 512) float32 clip features on the model's device; y: (batch,) int64 labels.
+    Returns the loss, detached and left on the device (no host sync per step).
+    """
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    loss = criterion(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Load the latest Ray checkpoint (after a failure or on a rerun), else a fresh state."""
     import ray.train
@@ -193,11 +220,11 @@ def train_loop_per_worker(config: dict) -> None:
         build_model(plan.arch, in_dim=512, num_classes=plan.num_classes,
                     **model_kwargs(cfg, plan.arch)))
     device = ray.train.torch.get_device()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = make_optimizer(cfg, model)
     state = _restore(model, opt)
     criterion, loss_schedule = build_criterion(cfg)
     lrs = lr_schedule(cfg)
-    bf16 = cfg.train.bf16 and device.type == "cuda"
+    bf16 = use_bf16(cfg, device)
     progress = _Progress(f"fold {plan.fold} {plan.arch}", plan.total_steps,
                          cfg.train.log_every_s, state["step"])
     train_shard = ray.train.get_dataset_shard("train")
@@ -212,15 +239,9 @@ def train_loop_per_worker(config: dict) -> None:
             lr = lrs.lr_at(min(step, plan.total_steps - 1), plan.total_steps)
             apply(opt, lr)
             criterion.set_weights(loss_schedule.at(min(step / plan.total_steps, 1.0)))
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(batch["x"])
-            loss = criterion(logits.float(), batch["y"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss_d = train_step(model, opt, criterion, batch["x"], batch["y"], bf16)
             step += 1
             seen += len(batch["y"])
-            loss_d = loss.detach()  # summed on the device: no host sync per step
             loss_sum, n_batches = loss_sum + loss_d, n_batches + 1
             if rank == 0:
                 progress.update(step, f"{epoch + 1}/{plan.epochs}", loss_d, len(batch["y"]), lr)
