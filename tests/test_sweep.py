@@ -150,31 +150,31 @@ SHARED = ["search.max_concurrent=2", "search.cpus_per_trial=0.1", "search.compar
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_smoke_sweep_records_failing_trials_writes_outputs_and_resumes(ray_local, tmp_path):
     """The smoke sweep (default space) plus a grid over qFDA draws: n_draws=2 with sizes
     (1, 3, 5) and "many" both fail the trial's config as it loads (before any Ray Data or
-    Train work), naming the key; both are ERROR rows and the other trials finish. One sweep, as
-    each trial costs tens of seconds of fixed overhead on 2 cores."""
+    Train work), naming the key; both are ERROR rows and the defaults trial finishes. One
+    sweep with one trial that trains, as each costs tens of seconds on 2 cores."""
     from rayvid.tune.sweep import run_sweep
     from rayvid.tune.report import summary_lines
 
     cfg = load_tune_config(None, _smoke_overrides() + SHARED + [
         "search.num_samples=1", "base.train.max_failures=0",
-        "space.qfda.n_draws={grid: [2, many, 5]}"])
+        "space.qfda.n_draws={grid: [2, many]}"])
     out = tmp_path / "sweep"
     summary = run_sweep(cfg, out)
     print("\n".join(summary_lines(summary)))
     table = pd.read_parquet(out / "results.parquet")
-    # the defaults trial (n_draws fixed at 5), then one random sample x the 3-value grid
-    assert len(table) == 4 and table["trial_id"].is_unique
-    assert sorted(table["qfda.n_draws"]) == ["2", "5", "5", "many"]  # mixed choice: text
+    # the defaults trial (n_draws fixed at 5), then one random sample x the 2-value grid
+    assert len(table) == 3 and table["trial_id"].is_unique
+    assert sorted(table["qfda.n_draws"]) == ["2", "5", "many"]  # mixed choice: text
     failed = table[table["status"] == "ERROR"].set_index("qfda.n_draws")
     assert sorted(failed.index) == ["2", "many"], table[["status", "error"]]
     assert "ConfigError: qfda.sizes (1, 3, 5) must be <= n_draws=2" in failed.loc["2", "error"]
     assert "qfda.n_draws: expected an integer, got 'many'" in failed.loc["many", "error"]
     ok = table[table["status"] != "ERROR"]
-    assert set(ok["status"]) <= {"TERMINATED", "STOPPED_EARLY"} and len(ok) == 2
+    assert set(ok["status"]) == {"TERMINATED"} and len(ok) == 1
     assert ok["best_fold_map"].gt(0).all() and ok["defaults"].sum() == 1
     assert table.loc[table["defaults"], "status"].item() == "TERMINATED"  # never stopped
     assert set(cfg.distributions) <= set(table.columns)
