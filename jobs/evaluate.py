@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from rayvid.console import setup_console  # noqa: E402
 from rayvid.core import metrics  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-id-csv", help="write id,ap,n_relevant per gt identity here")
     parser.add_argument("--max-id", type=int, default=metrics.NUM_IDENTITIES)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_console()
     try:
         gt = metrics.read_gt(args.gt, args.max_id)
         submission = metrics.read_submission(args.submission)

@@ -13,13 +13,13 @@ Attaches to RAY_ADDRESS or starts a local Ray. Exits 2 with a one-line error on 
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from rayvid.console import ray_init_options, setup_console  # noqa: E402
 from rayvid.infer import person_index as index, predict  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-far", type=float, help="calibrate at this false-accept rate "
                                                     "(default: the max-F1 threshold)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()
     try:  # check the inputs before starting Ray
         predict.read_run(args.run)
         predict.check_split(args.dataset, args.split)
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                          f"{index.read_manifest(args.out)['run']}, not {args.run}")
         import ray
 
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+        ray.init(address=os.environ.get("RAY_ADDRESS"), **ray_init_options())
         if args.update:
             manifest = index.update_index(args.out, args.dataset, args.split,
                                           batch_size=args.batch_size, num_actors=args.num_actors)

@@ -11,12 +11,12 @@ with a one-line error for a missing or malformed input.
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from rayvid.console import ray_init_options, setup_console  # noqa: E402
 from rayvid.infer import predict  # noqa: E402
 
 
@@ -32,13 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU)")
     parser.add_argument("--batch-size", type=int, default=4096, help="clips per scoring batch")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()
     try:  # check the inputs before starting or attaching to Ray
         predict.read_run(args.run)
         predict.find_gt(predict.check_split(args.dataset, args.split), args.split, args.gt)
         import ray
 
-        ray.init()
+        ray.init(**ray_init_options())
         summary = predict.predict_split(
             args.run, args.dataset, args.split, args.out, per_clip_path=args.per_clip,
             top_k_clip=args.top_k_clip, batch_size=args.batch_size, num_actors=args.num_actors,

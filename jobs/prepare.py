@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
 
+from rayvid.console import setup_console  # noqa: E402
 from rayvid.release.prepare import (DatasetExistsError, children_peak_rss_bytes,  # noqa: E402
                             default_workers, peak_rss_bytes, prepare_release)
 from rayvid.release.schema import DatasetFormatError  # noqa: E402
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                     "4; 1: all in this process)")
     ap.add_argument("--smoke-test", action="store_true", help="simulate 30 ids and convert them")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_console()
     if args.smoke_test:
         from rayvid.release.simulator import simulate_release
 

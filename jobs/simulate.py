@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rayvid.console import setup_console  # noqa: E402
 from rayvid.release.simulator import SimParams, simulate_release  # noqa: E402
 
 log = logging.getLogger("simulate")
@@ -38,7 +39,7 @@ def main() -> None:
         args.out = args.out or tempfile.mkdtemp(prefix="rayvid-sim-smoke-")
     elif not args.out:
         ap.error("--out is required (or --smoke-test)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_console()
     log.info("simulating %d ids, seed %d, %.1f faces/clip, noise %.2f -> %s", args.ids, args.seed,
              args.faces_per_clip, args.noise_fraction, args.out)
     summary = simulate_release(args.out, ids=args.ids, seed=args.seed,
