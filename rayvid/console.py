@@ -79,7 +79,7 @@ def ray_environment() -> dict[str, str]:
         config, read from the environment when a local raylet starts), at least 8. Ray
         sets it to the node's cores and warns "N PYTHON worker processes have been
         started ... Nx the maximum expected startup concurrency" every time the count
-        passes another multiple of it: a Train fold alone starts ~15 processes
+        passes another multiple of it: one Train fold starts 15-20 processes
         (controller, worker, dataset manager, Ray Data tasks), which on 2 cores printed
         that warning over and over though nothing was wrong. SkyPilot raises it for the
         same reason. A cluster's raylets are started by `ray start` and keep their own.
@@ -142,6 +142,7 @@ class Progress:
         # The rate counts from the first unit done, not from creation: a bar made before a
         # long start-up (Ray starting Train workers) would otherwise read slow for long.
         self.first: tuple[float, int] | None = None
+        self.logged: int | None = None  # `done` at the last log line
         stream = stream or sys.stderr
         tqdm = _tqdm() if _is_terminal(stream) else None
         self.bar = tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True) \
@@ -180,7 +181,6 @@ class Progress:
         if self.first is None and done > 0:
             self.first = (now, done)
         if now - self.last >= self.every_s:
-            self.last = now
             self._log_line()
 
     def note(self, text: str) -> None:
@@ -196,10 +196,11 @@ class Progress:
         self.closed = True
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif self.logged != self.done:  # the last line said it all already
             self._log_line()
 
     def _log_line(self) -> None:
+        self.last, self.logged = time.perf_counter(), self.done
         of = f"/{self.total}" if self.total is not None else ""
         speed = eta = ""
         if self.first is not None and self.done > self.first[1]:

@@ -105,10 +105,10 @@ def test_progress_off_a_terminal_logs_lines(caplog):
                                       stream=io.StringIO(), logger=logger))
     assert items == [0, 1, 2, 3, 4]
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 6  # one per update (every_s=0) and the closing line
+    assert len(messages) == 5  # one per update (every_s=0); closing adds no repeat of 5/5
     assert messages[0] == "predict 1/5 clip"  # no rate yet: it counts from the first unit
     assert messages[1].startswith("predict 2/5 clip (") and "clip/s) ETA" in messages[1]
-    assert messages[-1].startswith("predict 5/5 clip")
+    assert messages[-1].startswith("predict 5/5 clip (") and "ETA" not in messages[-1]
 
 
 def test_progress_lines_are_rate_limited_and_closing_twice_logs_once(caplog):
@@ -217,8 +217,12 @@ def test_a_resumed_fold_does_not_repeat_the_epochs_shown_before(tmp_path, caplog
 
 NOISE = ["Traceback", "RayDeprecationWarning", "DeprecationWarning", "Reporting training result",
          "Checkpoint successfully created", "tqdm is not installed", "Failed to kill actor",
-         "(TrainController", "(RayTrainWorker", "(raylet)", "core_worker.cc",
-         "Progress bars disabled"]
+         "(TrainController", "(RayTrainWorker", "(raylet)", "Progress bars disabled",
+         "maximum expected startup concurrency"]
+# The one C++ line the driver still prints (to stderr, not through logging or log_to_driver):
+# Ray Data's actor pool in predict starts actors with max_restarts > 0 whose arguments sit
+# in the object store (ray-project/ray#53727). Any other core_worker line is a finding.
+KNOWN_DRIVER_LINE = "has constructor arguments in the object store and max_restarts > 0"
 
 
 @pytest.mark.ray
@@ -238,6 +242,8 @@ def test_train_smoke_console_is_rayvids_own(tmp_path):
     text = run.stdout
     assert run.returncode == 0, text[-6000:]
     found = [noise for noise in NOISE if noise in text]
+    found += [line for line in text.splitlines()
+              if "core_worker.cc" in line and KNOWN_DRIVER_LINE not in line]
     assert not found, f"{found} in the console:\n{text[-8000:]}"
     assert "== rayvid training summary ==" in text and "val mAP (ensemble of 1)" in text
     # rayvid's own progress, from the driver: each epoch of the fold, then the bar's last line
