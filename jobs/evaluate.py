@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from rayvid.console import setup_console  # noqa: E402
 from rayvid.config import ConfigError, load_config  # noqa: E402
 from rayvid.core import formats, metrics  # noqa: E402
 from rayvid.infer.config import EvaluateJobConfig  # noqa: E402
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-id-csv", default=S, help="write id,ap,n_relevant per gt identity here")
     parser.add_argument("--max-id", type=int, default=S, help=f"largest identity id ({formats.NUM_IDENTITIES})")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_console()
     try:
         cfg = load_config(EvaluateJobConfig, args.config, args.set,
                           flags={k: v for k, v in vars(args).items() if k in EvaluateJobConfig.model_fields})

@@ -14,13 +14,13 @@ Attaches to RAY_ADDRESS or starts a local Ray. Exits 2 with a one-line error on 
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from rayvid.console import ray_init_options, setup_console  # noqa: E402
 from rayvid.config import ConfigError, load_config  # noqa: E402
 from rayvid.infer import person_index as index, predict  # noqa: E402
 from rayvid.infer.config import IndexJobConfig  # noqa: E402
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-far", type=float, default=S, help="calibrate at this false-accept rate "
                                                                "(default: the max-F1 threshold)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()
     try:
         cfg = load_config(IndexJobConfig, args.config, args.set,
                           flags={k: v for k, v in vars(args).items() if k in IndexJobConfig.model_fields})
@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                          f"{index.read_manifest(cfg.out)['run']}, not {cfg.run}")
         import ray
 
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+        ray.init(address=os.environ.get("RAY_ADDRESS"), **ray_init_options())
         if cfg.update:
             manifest = index.update_index(cfg.out, cfg.dataset, cfg.split,
                                           batch_size=cfg.batch_size, num_actors=cfg.num_actors)

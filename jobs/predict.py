@@ -12,12 +12,12 @@ with a one-line error for a missing or malformed input.
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from rayvid.console import ray_init_options, setup_console  # noqa: E402
 from rayvid.config import ConfigError, load_config  # noqa: E402
 from rayvid.infer import predict  # noqa: E402
 from rayvid.infer.config import PredictJobConfig  # noqa: E402
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-actors", type=int, default=S, help="scoring actors (default: one per GPU)")
     parser.add_argument("--batch-size", type=int, default=S, help="clips per scoring batch (4096)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()
     try:
         cfg = load_config(PredictJobConfig, args.config, args.set,
                           flags={k: v for k, v in vars(args).items() if k in PredictJobConfig.model_fields})
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         predict.find_gt(predict.check_split(cfg.dataset, cfg.split), cfg.split, cfg.gt)
         import ray
 
-        ray.init()
+        ray.init(**ray_init_options())
         summary = predict.predict_split(
             cfg.run, cfg.dataset, cfg.split, cfg.out, per_clip_path=cfg.per_clip,
             top_k_clip=cfg.top_k_clip, batch_size=cfg.batch_size, num_actors=cfg.num_actors,

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
 
+from rayvid.console import setup_console  # noqa: E402
 from rayvid.config import ConfigError, load_config, smoke_overrides  # noqa: E402
 from rayvid.release.config import PrepareJobConfig, SimulateJobConfig  # noqa: E402
 from rayvid.release.prepare import (DatasetExistsError, children_peak_rss_bytes,  # noqa: E402
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke-test", action="store_true",
                     help="simulate a tiny release and convert it (configs/smoke.yaml `prepare`)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_console()
     flags = {k: v for k, v in vars(args).items() if k in PrepareJobConfig.model_fields}
     try:
         if args.smoke_test:

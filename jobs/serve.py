@@ -17,7 +17,6 @@ down. Exits 2 with a one-line error for a bad run, index or config.
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
 
+from rayvid.console import ray_init_options, setup_console  # noqa: E402
 from rayvid.config import ConfigError, load_config  # noqa: E402
 from rayvid.infer import person_index as index, predict  # noqa: E402
 from rayvid.infer.config import ServeJobConfig  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> int:
     p.add_argument("--num-cpus", type=int, default=S, help="logical CPUs of a local Ray (4)")
     p.add_argument("--smoke-test", action="store_true", help="serve, send one clip, stop")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()
     import yaml
 
     try:
@@ -107,10 +107,9 @@ def main() -> int:
 
     # Serve's replicas and its app builder import rayvid from this checkout too.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     address = os.environ.get("RAY_ADDRESS") or None  # else a fresh local Ray
     ctx = ray.init(address=address or "local", num_cpus=None if address else cfg.num_cpus,
-                   logging_level="WARNING")
+                   **ray_init_options())
     if index.read_serving(run) is None and (run / "dataset" / "val").is_dir():
         cal = index.calibrate(run)
         print(f"calibrated: {json.dumps(cal)}" if cal else "not calibrated: default threshold")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rayvid.console import setup_console  # noqa: E402
 from rayvid.config import ConfigError, load_config, smoke_overrides  # noqa: E402
 from rayvid.release.config import SimulateJobConfig  # noqa: E402
 from rayvid.release.simulator import simulate_release  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> int:
     ap.add_argument("--smoke-test", action="store_true",
                     help="20 ids, 5 faces per clip (configs/smoke.yaml `simulate`)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_console()
     flags = {FLAGS[k]: v for k, v in vars(args).items() if k in FLAGS}
     try:
         if args.smoke_test:

@@ -9,13 +9,13 @@ Exits 2 with a one-line message on a bad config or bad data.
 """
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rayvid.console import ray_init_options, setup_console  # noqa: E402
 from rayvid.config import ConfigError, load_config, smoke_overrides, to_dict  # noqa: E402
 from rayvid.train.config import TrainJobConfig  # noqa: E402
 
@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--smoke-test", action="store_true",
                    help="tiny simulated run, ~1 minute (configs/smoke.yaml `train`)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()
     try:
         smoke = smoke_overrides("train") if args.smoke_test else []
         cfg = load_config(TrainJobConfig, args.config, smoke + args.set)
@@ -45,8 +45,7 @@ def main() -> int:
     from rayvid.train.report import summary_lines
     from rayvid.train.job import run_training
 
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    ray.init(address=os.environ.get("RAY_ADDRESS"), **ray_init_options())
     try:
         summary = run_training(cfg, run_dir)
     except (ReleaseFormatError, FileNotFoundError, ValueError) as e:

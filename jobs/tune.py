@@ -12,7 +12,6 @@ OUT/map_vs_params.png, OUT/best.yaml and OUT/best.json. Exits 2 on a bad config.
 """
 
 import argparse
-import logging
 import os
 import socket
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rayvid.console import ray_init_options, setup_console  # noqa: E402
 from rayvid.config import ConfigError, to_dict  # noqa: E402
 from rayvid.tune.config import load_tune_config, smoke_tune_overrides  # noqa: E402
 
@@ -37,7 +37,7 @@ def _local_ray(ray) -> None:
             port = sock.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ctx = ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), dashboard_port=port,
-                       include_dashboard=True, logging_level="WARNING",
+                       include_dashboard=True, **ray_init_options(),
                        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}})
         if ctx.dashboard_url and ctx.dashboard_url.endswith(f":{port}"):
@@ -58,7 +58,7 @@ def main() -> int:
     p.add_argument("--compare-defaults", action="store_true",
                    help="add one trial at the 4th place's code defaults")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()
     extra = (["search.compare_defaults=true"] if args.compare_defaults else [])
     try:
         smoke = smoke_tune_overrides() if args.smoke_test else []
@@ -74,12 +74,11 @@ def main() -> int:
     from rayvid.tune.sweep import run_sweep
     from rayvid.tune.report import summary_lines
 
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     address = os.environ.get("RAY_ADDRESS")
     if address == "local" or (args.smoke_test and address is None):
         _local_ray(ray)
     else:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, **ray_init_options())
     try:
         summary = run_sweep(cfg, out)
     except ConfigError as e:

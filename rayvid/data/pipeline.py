@@ -151,6 +151,8 @@ def count_training_clips(dataset_dir: str | Path, splits: tuple[str, ...] | list
         alive = fusion.segment_sum(keep.astype(np.int64), offsets) > 0
         return {"n": np.array([int(alive.sum())])}
 
-    ds = ray.data.read_parquet(split_paths(dataset_dir, splits),
-                               columns=KEY_COLUMNS + ["n_faces", "face_det", "face_quality"])
+    # select_columns, not read_parquet(columns=...) (deprecated in Ray 2.60): projected
+    # at read time all the same
+    ds = ray.data.read_parquet(split_paths(dataset_dir, splits)).select_columns(
+        KEY_COLUMNS + ["n_faces", "face_det", "face_quality"])
     return int(ds.map_batches(count, batch_format="pyarrow", batch_size=4096).sum("n") or 0)

@@ -13,21 +13,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rayvid.console import progress
 from rayvid.data import pipeline as rdata
 from rayvid.config import to_dict
 from rayvid.core.atomic import write_json
 from rayvid.model import run_folder
 from rayvid.release.schema import read_meta
 from rayvid.train.config import TrainJobConfig
-from rayvid.train.worker import RESULT_FILE, FoldPlan, plan_fold, train_loop_per_worker
+from rayvid.train.worker import (PROGRESS_FILE, RESULT_FILE, FoldPlan, plan_fold,
+                                 train_loop_per_worker)
 
 log = logging.getLogger(__name__)
-
-
 
 def transforms(cfg: TrainJobConfig, fold: int) -> tuple[rdata.ClipTransform, rdata.ClipTransform]:
     """(training, held-out) per-batch transforms of one fold."""
@@ -88,8 +89,64 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    with FoldWatch(out, plan, every_s=cfg.train.log_every_s):
+        result = trainer.fit()
     return _finish(out, plan, result, time.perf_counter() - t0)
+
+
+class FoldWatch:
+    """The console's view of one (fold, arch) while `fit()` runs: a bar over its steps and
+    a line per finished epoch, read from the rank-0 worker's `progress.json` (the workers'
+    own output stays in Ray's log files; see rayvid.console). The run folder is the
+    storage the workers already write `best` to, so this works on a cluster too."""
+
+    def __init__(self, out: Path, plan: FoldPlan, every_s: float, poll_s: float = 1.0):
+        self.path, self.plan, self.poll_s = Path(out) / PROGRESS_FILE, plan, poll_s
+        self.tag = f"fold {plan.fold} {plan.arch}"
+        self.bar = progress(total=plan.total_steps, desc=self.tag, unit="step", every_s=every_s,
+                            logger=log)
+        # A file left by an interrupted run of this fold: its epochs were shown back then.
+        before = self._read()
+        self.seen_epochs = len(before[1].get("epochs", [])) if before else 0
+        self.mtime = before[0] if before else None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"watch-{self.tag}", daemon=True)
+
+    def __enter__(self) -> "FoldWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()
+        self.bar.close()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.poll_s):
+            self.poll()
+
+    def poll(self) -> None:
+        """Show what `progress.json` says now, if it changed (a missing or unreadable file
+        is skipped: the worker has not written it yet, or is rewriting it)."""
+        now = self._read()
+        if now is None or now[0] == self.mtime:
+            return
+        self.mtime, state = now
+        epochs = state.get("epochs", [])
+        for row in epochs[self.seen_epochs:]:
+            self.bar.log.info("[%s] epoch %d/%d loss %.4f fold mAP %.4f (best %.4f) acc %.4f",
+                              self.tag, row["epoch"], self.plan.epochs, row["loss"],
+                              row["fold_map"], row["best_map"], row["fold_acc"])
+        self.seen_epochs = max(self.seen_epochs, len(epochs))
+        text = f"loss {state['loss']:.4f} lr {state['lr']:.1e}" if "loss" in state else None
+        self.bar.set(int(state.get("step", 0)), text)
+
+    def _read(self) -> tuple[int, dict] | None:
+        try:
+            return self.path.stat().st_mtime_ns, json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def _finish(out: Path, plan: FoldPlan, result, seconds: float) -> dict:

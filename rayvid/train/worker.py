@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from rayvid.model.losses import LossSchedule, MixedLoss
 from rayvid.core.metrics import map_from_topk
 from rayvid.model.architectures import MLP_ARCHS, build_model
 from rayvid.model.schedules import LRSchedule, apply
+from rayvid.core.atomic import write_json
 from rayvid.core.submission import TopKPerIdentity
 from rayvid.train.config import TrainJobConfig
 
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.pt"
 RESULT_FILE = "result.json"
+PROGRESS_FILE = "progress.json"  # rank 0's latest step and finished epochs (see _Progress)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, An
     opt.load_state_dict(saved.pop("optimizer"))
     state.update(saved)
     state["restores"] = state.get("restores", []) + [state["epoch"]]  # resumed after epoch N
-    _say(f"resumed from checkpoint at epoch {state['epoch']}, step {state['step']}")
+    log.info("resumed from checkpoint at epoch %d, step %d", state["epoch"], state["step"])
     return state
 
 
@@ -175,20 +176,20 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
             "fold_acc": sum(p[3] for p in parts) / max(total, 1), "val_clips": total}
 
 
-def _say(line: str) -> None:
-    """One line to the worker's stdout (Ray forwards it to the driver). Not `print`: Train
-    v2 patches print in workers to write both stdout and its logger, so lines came twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 class _Progress:
-    """Rank-0 progress line every `every_s` seconds: step/total, loss, samples/s, lr, ETA."""
+    """Rank 0's progress, every `every_s` seconds and at each epoch's end: a line in the
+    worker's log (Ray keeps it: the job's console shows only the driver) and
+    `<out_dir>/progress.json`, which the driver turns into the console's bar
+    (`rayvid.train.kfold.FoldWatch`). step/total, loss, samples/s, lr, the epochs done."""
 
-    def __init__(self, tag: str, total: int, every_s: float, start_step: int):
+    def __init__(self, tag: str, out_dir: str, total: int, every_s: float, start_step: int,
+                 history: list[dict]):
         self.tag, self.total, self.every_s = tag, total, every_s
+        self.path = Path(out_dir) / PROGRESS_FILE
         self.t0 = self.last = time.perf_counter()
         self.step0, self.samples, self.loss_sum, self.loss_n = start_step, 0, 0.0, 0
+        self.state: dict[str, Any] = {"step": start_step, "total": total,
+                                      "epochs": [_epoch_row(h) for h in history]}
 
     def update(self, step: int, epoch: str, loss: "torch.Tensor | float", n: int, lr: float) -> None:
         """loss: this step's loss; a device tensor is only read (synced) when a line prints."""
@@ -200,10 +201,30 @@ class _Progress:
         rate = self.samples / max(now - self.t0, 1e-9)
         steps_rate = (step - self.step0) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / max(steps_rate, 1e-9)
-        _say(f"[{self.tag}] epoch {epoch} step {step}/{self.total} "
-              f"loss {float(self.loss_sum) / self.loss_n:.4f} {rate:,.0f} samples/s lr {lr:.2e} "
-              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        loss_avg = float(self.loss_sum) / self.loss_n
+        log.info("[%s] epoch %s step %d/%d loss %.4f %.0f samples/s lr %.2e ETA %s", self.tag,
+                 epoch, step, self.total, loss_avg, rate, lr,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+        self.state.update(step=step, epoch=epoch, loss=loss_avg, samples_per_s=rate, lr=lr)
+        self._write()
         self.last, self.loss_sum, self.loss_n = now, 0.0, 0
+
+    def epoch_done(self, metrics: dict) -> None:
+        """metrics: the epoch's report (epoch, step, loss, fold_map, best_map, fold_acc)."""
+        self.state["epochs"] = self.state["epochs"] + [_epoch_row(metrics)]
+        self.state["step"] = int(metrics.get("step", self.state["step"]))
+        self._write()
+
+    def _write(self) -> None:
+        try:
+            write_json(self.path, self.state, indent=None)
+        except OSError as e:  # progress is for people: never fail a run over it
+            log.warning("could not write %s: %s", self.path, e)
+
+
+def _epoch_row(metrics: dict) -> dict:
+    keep = ("epoch", "loss", "fold_map", "best_map", "fold_acc")
+    return {k: float(metrics[k]) for k in keep if k in metrics}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -225,8 +246,9 @@ def train_loop_per_worker(config: dict) -> None:
     criterion, loss_schedule = build_criterion(cfg)
     lrs = lr_schedule(cfg)
     bf16 = use_bf16(cfg, device)
-    progress = _Progress(f"fold {plan.fold} {plan.arch}", plan.total_steps,
-                         cfg.train.log_every_s, state["step"])
+    progress = _Progress(f"fold {plan.fold} {plan.arch}", plan.out_dir, plan.total_steps,
+                         cfg.train.log_every_s, state["step"], state["history"]) \
+        if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     step = state["step"]
@@ -243,7 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             seen += len(batch["y"])
             loss_sum, n_batches = loss_sum + loss_d, n_batches + 1
-            if rank == 0:
+            if progress is not None:
                 progress.update(step, f"{epoch + 1}/{plan.epochs}", loss_d, len(batch["y"]), lr)
         train_s = time.perf_counter() - t0
         metrics = evaluate(model, val_shard, plan.num_classes, device)
@@ -255,6 +277,8 @@ def train_loop_per_worker(config: dict) -> None:
         state["history"] = state["history"] + [metrics]
         metrics["best_map"] = state["best_map"]
         _report(cfg, plan, model, opt, state, metrics, improved, rank)
+        if progress is not None:
+            progress.epoch_done(metrics)
 
 
 def _report(cfg, plan: FoldPlan, model, opt, state: dict, metrics: dict, improved: bool,
@@ -262,9 +286,9 @@ def _report(cfg, plan: FoldPlan, model, opt, state: dict, metrics: dict, improve
     import ray.train
 
     if rank == 0:
-        _say(f"[fold {plan.fold} {plan.arch}] epoch {metrics['epoch']}/{plan.epochs} "
-              f"loss {metrics['loss']:.4f} fold mAP {metrics['fold_map']:.4f} "
-              f"(best {state['best_map']:.4f}) acc {metrics['fold_acc']:.4f}")
+        log.info("[fold %d %s] epoch %d/%d loss %.4f fold mAP %.4f (best %.4f) acc %.4f",
+                 plan.fold, plan.arch, metrics["epoch"], plan.epochs, metrics["loss"],
+                 metrics["fold_map"], state["best_map"], metrics["fold_acc"])
     extra = {"fold": plan.fold, "epoch": metrics["epoch"], "fold_map": metrics["fold_map"],
              "weighting": dataclasses.asdict(cfg.fusion.weighting)}
     with tempfile.TemporaryDirectory() as tmp:
