@@ -5,7 +5,7 @@
     python jobs/prepare.py --smoke-test          # simulate a tiny release and convert it (~30 s)
     python jobs/prepare.py --config prep.yaml --set workers=2   # keys: rayvid/release/config.py
 
-Bounded memory per process (an external hash join, see rayvid/prepare.py); `--workers N`
+Bounded memory per process (an external hash join, see rayvid/release/prepare.py); `--workers N`
 processes read pickles and write buckets side by side (default: one per CPU, at most 4;
 1: everything in this process). Prints one line per pickle (items, items/s) and per split,
 and a summary with the peak RSS of this process and of its workers. Bad input exits 2 with
