@@ -7,7 +7,6 @@ Prints `mAP 0.XXXX over N identities` and the 5 worst identities; exits 2 with a
 error on a malformed or missing file.
 """
 
-import argparse
 import csv
 import logging
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from rayvid.console import setup_console  # noqa: E402
-from rayvid.config import ConfigError, load_config  # noqa: E402
+import _cli as cli  # noqa: E402
 from rayvid.core import formats, metrics  # noqa: E402
 from rayvid.infer.config import EvaluateJobConfig  # noqa: E402
 
@@ -24,22 +23,16 @@ logger = logging.getLogger("evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    S = argparse.SUPPRESS  # flags left out keep the config's value
-    parser.add_argument("--config", help="YAML of EvaluateJobConfig keys (rayvid/infer/config.py)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable)")
+    parser = cli.parser(__doc__, "YAML of EvaluateJobConfig keys (rayvid/infer/config.py)",
+                        "max_id=100")
+    S = cli.KEEP
     parser.add_argument("--gt", default=S, help="val_gt.txt-format file")
     parser.add_argument("--submission", default=S, help="submission file")
     parser.add_argument("--per-id-csv", default=S, help="write id,ap,n_relevant per gt identity here")
     parser.add_argument("--max-id", type=int, default=S, help=f"largest identity id ({formats.NUM_IDENTITIES})")
     args = parser.parse_args(argv)
     setup_console()
-    try:
-        cfg = load_config(EvaluateJobConfig, args.config, args.set,
-                          flags={k: v for k, v in vars(args).items() if k in EvaluateJobConfig.model_fields})
-    except ConfigError as e:
-        print(f"evaluate: config error: {e}", file=sys.stderr)
+    if (cfg := cli.job_config("evaluate", EvaluateJobConfig, args)) is None:
         return 2
     try:
         gt = formats.read_gt(cfg.gt, cfg.max_id)

@@ -12,7 +12,6 @@ calibrates the run's "unknown" threshold into RUN/serving.json when it has none 
 Attaches to RAY_ADDRESS or starts a local Ray. Exits 2 with a one-line error on bad input.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -21,17 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from rayvid.console import ray_init_options, setup_console  # noqa: E402
-from rayvid.config import ConfigError, load_config  # noqa: E402
+import _cli as cli  # noqa: E402
 from rayvid.infer import person_index as index, predict  # noqa: E402
 from rayvid.infer.config import IndexJobConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    S = argparse.SUPPRESS  # flags left out keep the config's value
-    p.add_argument("--config", help="YAML of IndexJobConfig keys (rayvid/infer/config.py)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set k=50 (repeatable)")
+    p = cli.parser(__doc__, "YAML of IndexJobConfig keys (rayvid/infer/config.py)", "k=50")
+    S = cli.KEEP
     p.add_argument("--run", default=S, help="run folder with ensemble.json")
     p.add_argument("--dataset", default=S, help="prepared dataset holding the clip library")
     p.add_argument("--split", default=S, help="split of --dataset to index (test)")
@@ -46,11 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                "(default: the max-F1 threshold)")
     args = p.parse_args(argv)
     setup_console()
-    try:
-        cfg = load_config(IndexJobConfig, args.config, args.set,
-                          flags={k: v for k, v in vars(args).items() if k in IndexJobConfig.model_fields})
-    except ConfigError as e:
-        print(f"index: config error: {e}", file=sys.stderr)
+    if (cfg := cli.job_config("index", IndexJobConfig, args)) is None:
         return 2
     try:  # check the inputs before starting Ray
         predict.read_run(cfg.run)

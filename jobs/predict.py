@@ -10,7 +10,6 @@ Prints progress and a summary (clips, clips/s, outputs, mAP when a gt is known);
 with a one-line error for a missing or malformed input.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,17 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from rayvid.console import ray_init_options, setup_console  # noqa: E402
-from rayvid.config import ConfigError, load_config  # noqa: E402
+import _cli as cli  # noqa: E402
 from rayvid.infer import predict  # noqa: E402
 from rayvid.infer.config import PredictJobConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    S = argparse.SUPPRESS  # flags left out keep the config's value
-    parser.add_argument("--config", help="YAML of PredictJobConfig keys (rayvid/infer/config.py)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set batch_size=1024 (repeatable)")
+    parser = cli.parser(__doc__, "YAML of PredictJobConfig keys (rayvid/infer/config.py)",
+                        "batch_size=1024")
+    S = cli.KEEP
     parser.add_argument("--run", default=S, help="run folder with ensemble.json")
     parser.add_argument("--dataset", default=S, help="prepared dataset folder")
     parser.add_argument("--split", default=S, choices=["val", "test"])
@@ -41,11 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=S, help="clips per scoring batch (4096)")
     args = parser.parse_args(argv)
     setup_console()
-    try:
-        cfg = load_config(PredictJobConfig, args.config, args.set,
-                          flags={k: v for k, v in vars(args).items() if k in PredictJobConfig.model_fields})
-    except ConfigError as e:
-        print(f"predict: config error: {e}", file=sys.stderr)
+    if (cfg := cli.job_config("predict", PredictJobConfig, args)) is None:
         return 2
     try:  # check the inputs before starting or attaching to Ray
         predict.read_run(cfg.run)

@@ -12,7 +12,6 @@ and a summary with the peak RSS of this process and of its workers. Bad input ex
 a one-line error.
 """
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from rayvid.console import setup_console  # noqa: E402
+import _cli as cli  # noqa: E402
 from rayvid.config import ConfigError, load_config, smoke_overrides  # noqa: E402
 from rayvid.release.config import PrepareJobConfig, SimulateJobConfig  # noqa: E402
 from rayvid.release.prepare import (DatasetExistsError, children_peak_rss_bytes,  # noqa: E402
@@ -48,11 +48,8 @@ def show(event: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    S = argparse.SUPPRESS  # flags left out keep the config's value
-    ap.add_argument("--config", help="YAML of PrepareJobConfig keys (rayvid/release/config.py)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set workers=2 (repeatable)")
+    ap = cli.parser(__doc__, "YAML of PrepareJobConfig keys (rayvid/release/config.py)", "workers=2")
+    S = cli.KEEP
     ap.add_argument("--release", default=S, help="release folder (face_train_v2.pickle, train_gt.txt, ...)")
     ap.add_argument("--out", default=S, help="dataset folder to write")
     ap.add_argument("--on-bad-clip", choices=("fail", "skip"), default=S)
@@ -75,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                               flags={"out": f"{tmp}/release"})
             simulate_release(sim.out, ids=sim.ids, seed=sim.seed, **sim.params.as_dict())
             flags = {**flags, "release": sim.out, "out": flags.get("out", f"{tmp}/dataset")}
-        cfg = load_config(PrepareJobConfig, args.config, args.set, flags=flags)
     except ConfigError as e:
         print(f"prepare: config error: {e}", file=sys.stderr)
+        return 2
+    if (cfg := cli.job_config("prepare", PrepareJobConfig, args, flags=flags)) is None:
         return 2
     try:
         meta = prepare_release(cfg.release, cfg.out, on_bad_clip=cfg.on_bad_clip,

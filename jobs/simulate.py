@@ -8,7 +8,6 @@ The simulated test key and every generator parameter go to OUT/_simulator/ (test
 params.json); the generative model is docs/simulator.md.
 """
 
-import argparse
 import json
 import logging
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayvid.console import setup_console  # noqa: E402
-from rayvid.config import ConfigError, load_config, smoke_overrides  # noqa: E402
+import _cli as cli  # noqa: E402
+from rayvid.config import smoke_overrides  # noqa: E402
 from rayvid.release.config import SimulateJobConfig  # noqa: E402
 from rayvid.release.simulator import simulate_release  # noqa: E402
 
@@ -29,11 +29,9 @@ log = logging.getLogger("simulate")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    S = argparse.SUPPRESS  # flags left out keep the config's value
-    ap.add_argument("--config", help="YAML of SimulateJobConfig keys (rayvid/release/config.py)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set params.faces_sigma=0.8 (repeatable)")
+    ap = cli.parser(__doc__, "YAML of SimulateJobConfig keys (rayvid/release/config.py)",
+                    "params.faces_sigma=0.8")
+    S = cli.KEEP
     ap.add_argument("--out", default=S, help="output folder (created)")
     ap.add_argument("--ids", type=int, default=S, help="known identities (real release: 10034)")
     ap.add_argument("--seed", type=int, default=S)
@@ -45,14 +43,11 @@ def main() -> int:
     args = ap.parse_args()
     setup_console()
     flags = {FLAGS[k]: v for k, v in vars(args).items() if k in FLAGS}
-    try:
-        if args.smoke_test:
-            flags.setdefault("out", tempfile.mkdtemp(prefix="rayvid-sim-smoke-"))
-        cfg = load_config(SimulateJobConfig, args.config,
-                          (smoke_overrides("simulate") if args.smoke_test else []) + args.set,
-                          flags=flags)
-    except ConfigError as e:
-        print(f"simulate: config error: {e}", file=sys.stderr)
+    if args.smoke_test:
+        flags.setdefault("out", tempfile.mkdtemp(prefix="rayvid-sim-smoke-"))
+    cfg = cli.job_config("simulate", SimulateJobConfig, args, flags=flags,
+                         overrides=smoke_overrides("simulate") if args.smoke_test else [])
+    if cfg is None:
         return 2
     p = cfg.params
     log.info("simulating %d ids, seed %d, %.1f faces/clip, noise %.2f -> %s", cfg.ids, cfg.seed,

@@ -8,7 +8,6 @@
 Exits 2 with a one-line message on a bad config or bad data.
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -16,25 +15,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayvid.console import ray_init_options, setup_console  # noqa: E402
-from rayvid.config import ConfigError, load_config, smoke_overrides, to_dict  # noqa: E402
+import _cli as cli  # noqa: E402
+from rayvid.config import smoke_overrides, to_dict  # noqa: E402
 from rayvid.train.config import TrainJobConfig  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    p = cli.parser(__doc__, "YAML of TrainJobConfig keys (rayvid/train/config.py)", "optim.lr=3e-4")
     p.add_argument("--out", help="run folder (default: runs/<name>)")
     p.add_argument("--smoke-test", action="store_true",
                    help="tiny simulated run, ~1 minute (configs/smoke.yaml `train`)")
     args = p.parse_args()
     setup_console()
-    try:
-        smoke = smoke_overrides("train") if args.smoke_test else []
-        cfg = load_config(TrainJobConfig, args.config, smoke + args.set)
-    except ConfigError as e:
-        print(f"train: config error: {e}", file=sys.stderr)
+    cfg = cli.job_config("train", TrainJobConfig, args, flags={},
+                         overrides=smoke_overrides("train") if args.smoke_test else [])
+    if cfg is None:
         return 2
     import yaml
     print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)

@@ -83,11 +83,6 @@ def test_layer_order_bn_after_activation() -> None:
     assert [m.p for m in build_model("M5", num_classes=C).modules() if isinstance(m, nn.Dropout)] == [0.5, 0.5]
 
 
-def test_swish_is_x_sigmoid_x() -> None:
-    x = torch.linspace(-6, 6, 101)
-    assert torch.allclose(nn.SiLU()(x), x * torch.sigmoid(x))
-
-
 def test_unknown_model_lists_known() -> None:
     with pytest.raises(ValueError, match="M5"):
         build_model("M6")

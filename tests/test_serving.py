@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +42,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _answers(url: str, timeout_s: float) -> bool:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, sim_dataset, trained_run, tmp_path_factory):
     """configs/serve.yaml deployed as `serve deploy` does, with a test run, index and port."""
@@ -56,7 +71,7 @@ def served(ray_local, sim_dataset, trained_run, tmp_path_factory):
     run_folder.write_serving(run, run_folder.ServingSpec(THRESHOLD))
     index_dir = root / "index"
     build_index(run, sim_dataset, "test", index_dir, k=10, batch_size=128, num_actors=1)
-    port, base = _free_port(), yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    base = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     dashboard = ray_local.init(ignore_reinit_error=True).dashboard_url
 
     def deploy(user_config: dict | None = None, per_deployment: int | None = None) -> None:
@@ -65,7 +80,16 @@ def served(ray_local, sim_dataset, trained_run, tmp_path_factory):
             cfg["applications"][0]["args"]["members_per_deployment"] = per_deployment
         deploy_config(cfg, dashboard)
 
-    deploy()
+    # A port found free may be taken before Serve's proxy binds it: then deploy again on
+    # another one (Serve fixes its HTTP port when it starts, so it restarts in between).
+    for attempt in range(3):
+        port = _free_port()
+        deploy()
+        if _answers(f"http://127.0.0.1:{port}/healthz", timeout_s=60):
+            break
+        serve.shutdown()
+    else:
+        pytest.fail("Serve's proxy never answered on a free port (3 tries)")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
         yield {"client": client, "run": run, "index": index_dir, "deploy": deploy}
     serve.shutdown()

@@ -222,6 +222,8 @@ def test_false_detections(faces):
     assert abs(cos[false].mean()) < 0.1 < cos[owner == 0].mean()
 
 
+@pytest.mark.slow
+@pytest.mark.soak
 def test_300_ids_make_a_release_of_the_documented_size(tmp_path):
     """300 ids, 2 faces per clip: the documented size (speed is a benchmark's business,
     not a test's: the test machine is shared)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import logging
 import math
 import tempfile
@@ -180,7 +181,8 @@ class _Progress:
     """Rank 0's progress, every `every_s` seconds and at each epoch's end: a line in the
     worker's log (Ray keeps it: the job's console shows only the driver) and
     `<out_dir>/progress.json`, which the driver turns into the console's bar
-    (`rayvid.train.kfold.FoldWatch`). step/total, loss, samples/s, lr, the epochs done."""
+    (`rayvid.train.kfold.FoldWatch`). step/total, loss, samples/s, lr, the epochs done (each
+    written after its checkpoint was reported), and the worker's pid."""
 
     def __init__(self, tag: str, out_dir: str, total: int, every_s: float, start_step: int,
                  history: list[dict]):
@@ -188,7 +190,7 @@ class _Progress:
         self.path = Path(out_dir) / PROGRESS_FILE
         self.t0 = self.last = time.perf_counter()
         self.step0, self.samples, self.loss_sum, self.loss_n = start_step, 0, 0.0, 0
-        self.state: dict[str, Any] = {"step": start_step, "total": total,
+        self.state: dict[str, Any] = {"step": start_step, "total": total, "pid": os.getpid(),
                                       "epochs": [_epoch_row(h) for h in history]}
 
     def update(self, step: int, epoch: str, loss: "torch.Tensor | float", n: int, lr: float) -> None:
