@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from rayvid.console import ray_init_options, setup_console  # noqa: E402
 import _cli as cli  # noqa: E402
 from rayvid.infer import person_index as index, predict  # noqa: E402
+from rayvid.model.run_folder import RunFolderError  # noqa: E402
 from rayvid.infer.config import IndexJobConfig  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             cal = index.calibrate(cfg.run, cal_ds, "val", target_far=cfg.target_far,
                                   batch_size=cfg.batch_size, num_actors=cfg.num_actors)
             print(f"calibrated: {json.dumps(cal)}" if cal else "not calibrated (no noise clips)")
-    except (predict.PredictError, index.SearchIndexError, OSError) as e:
+    except (predict.PredictError, index.SearchIndexError, RunFolderError, OSError) as e:
         print(f"index: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in manifest.items() if k != "weights"}))

@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 from rayvid.console import ray_init_options, setup_console  # noqa: E402
 from rayvid.config import ConfigError, load_config  # noqa: E402
 from rayvid.infer import person_index as index, predict  # noqa: E402
+from rayvid.model.run_folder import RunFolderError  # noqa: E402
+from rayvid.core.atomic import write_text  # noqa: E402
 from rayvid.infer.config import ServeJobConfig  # noqa: E402
 
 FLAGS = {"run": "run", "index": "index", "port": "port", "config": "serve_config",
@@ -62,13 +64,6 @@ def example_clip(run: Path) -> dict:
     return {"faces": [{"det_score": 0.99, "quality_score": 45.2, "feature": [0.01] * 512}]}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` under a temp name beside `path`, then rename (readers never see half)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     S = argparse.SUPPRESS  # flags left out keep the config's value
@@ -94,10 +89,12 @@ def main() -> int:
     run = Path(cfg.run).resolve()
     try:
         predict.read_run(run)
+        serving = index.read_serving(run)  # checked before Ray starts
         if cfg.index:
             index.read_manifest(cfg.index)
         base = yaml.safe_load(Path(cfg.serve_config).read_text())
-    except (predict.PredictError, index.SearchIndexError, OSError, yaml.YAMLError) as e:
+    except (predict.PredictError, index.SearchIndexError, RunFolderError, OSError,
+            yaml.YAMLError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
     import ray
@@ -110,12 +107,12 @@ def main() -> int:
     address = os.environ.get("RAY_ADDRESS") or None  # else a fresh local Ray
     ctx = ray.init(address=address or "local", num_cpus=None if address else cfg.num_cpus,
                    **ray_init_options())
-    if index.read_serving(run) is None and (run / "dataset" / "val").is_dir():
+    if serving is None and (run / "dataset" / "val").is_dir():
         cal = index.calibrate(run)
         print(f"calibrated: {json.dumps(cal)}" if cal else "not calibrated: default threshold")
     config = serve_config(base, run, cfg.index, port=cfg.port)
     resolved = run / "serve_config.yaml"
-    write_atomic(resolved, yaml.safe_dump(config, sort_keys=False))
+    write_text(resolved, yaml.safe_dump(config, sort_keys=False))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops Serve cleanly too
     try:
         deploy_config(config, ctx.dashboard_url)
@@ -123,7 +120,7 @@ def main() -> int:
         # The serve CLI needs this to send the cluster's token (Ray 2.60 token auth).
         auth = "" if os.environ.get("RAY_AUTH_MODE") == "disabled" else "RAY_AUTH_MODE=token "
         body = run / "example_clip.json"
-        write_atomic(body, json.dumps(example_clip(run)))
+        write_text(body, json.dumps(example_clip(run)))
         print(f"serving {run} at {url}  (API docs: {url}/docs)\n"
               f"  curl -s -X POST {url}/identify -H 'content-type: application/json' -d @{body}\n"
               f"  curl -s '{url}/search?id=1&k=10'\n"

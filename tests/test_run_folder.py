@@ -195,3 +195,20 @@ def test_run_folder_and_the_serving_api_import_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr or "torch was imported"
+
+
+def test_serve_job_refuses_a_malformed_serving_json_before_starting_ray(tmp_path):
+    """A run whose serving.json is broken: `jobs/serve.py` names the file and exits 2, with
+    no traceback and before Ray starts (the member's model config is all read_run opens)."""
+    ckpt = tmp_path / "run" / "folds" / "0" / "M5" / "best"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model_config.json").write_text(json.dumps({"arch": "M5", "in_dim": 512, "num_classes": 5}))
+    (tmp_path / "run" / ENSEMBLE_FILE).write_text(json.dumps(
+        {"members": [{"path": "folds/0/M5/best", "weight": 1.0}], "num_classes": 5}))
+    (tmp_path / "run" / SERVING_FILE).write_text("{not json")
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--run", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("serve: error: ") and f"{SERVING_FILE}: not valid JSON" in last
+    assert "Traceback" not in proc.stderr and "Ray" not in proc.stderr
