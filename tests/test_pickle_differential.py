@@ -272,7 +272,10 @@ def test_data_has_what_the_differential_tests_rely_on():
 N_FAST = 2100
 
 
-@pytest.mark.parametrize("writer, protocol", FAST_VARIANTS, ids=_ids(FAST_VARIANTS))
+# The pure-Python picklers' text protocol takes seconds even at 2,100 clips: slow lane.
+@pytest.mark.parametrize("writer, protocol", [
+    pytest.param(*v, marks=[pytest.mark.slow] if v in {("py", 0), ("py2str", 0)} else [],
+                 id=_ids([v])[0]) for v in FAST_VARIANTS])
 def test_stream_and_load_match_stock_pickle(tmp_path, writer, protocol):
     # three top-level batches (1000, 1000, 100 items: every pickler here batches by 1000),
     # so shared objects are fetched back across batch boundaries
@@ -286,6 +289,7 @@ def test_stream_and_load_match_stock_pickle(tmp_path, writer, protocol):
     assert_same(load(path), oracle)
 
 
+@pytest.mark.slow  # the fast lane reads the same repro: test_pickle_reader.py
 def test_issue_10_repro_60000_clips_protocol_2(tmp_path):
     """The issue's repro: >100k memoized values, numpy's b'b' fetched by every array."""
     d = {b"IQIYI_VID_TRAIN_%07d" % i: [[b"%d" % i, [1, 2, 3, 4], 0.9, 40.0,
