@@ -152,10 +152,36 @@ def test_ensemble_face_set_members_take_a_mask() -> None:
 def test_ensemble_members_must_agree() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         Ensemble([build_model("M5", in_dim=D, num_classes=C), build_model("M5", in_dim=D, num_classes=C + 1)])
-    with pytest.raises(ValueError, match="input kind"):
-        Ensemble([build_model("M5", in_dim=D, num_classes=C),
-                  build_model("attention", in_dim=D, num_classes=C, d_model=16, num_heads=2)])
+    mixed = Ensemble([build_model("M5", in_dim=D, num_classes=C),
+                      build_model("attention", in_dim=D, num_classes=C, d_model=16, num_heads=2)])
+    with pytest.raises(ValueError, match="dict of inputs"):  # one array cannot feed both kinds
+        mixed.scores(np.zeros((2, D), np.float32))
+    with pytest.raises(ValueError, match="face_mask"):
+        mixed.scores({"x": np.zeros((2, D), np.float32), "faces": np.zeros((2, 3, D + 2))})
     with pytest.raises(ValueError):
         Ensemble([build_model("M5", in_dim=D, num_classes=C)], weights=[1.0, 2.0])
     with pytest.raises(ValueError):
         Ensemble([])
+
+
+def test_mixed_ensemble_feeds_each_member_its_kind_and_skips_members_that_cannot_use_a_clip() -> None:
+    """M5 (clip vector) + multimodal: each member gets its own columns; a faceless clip is
+    scored by the multimodal member alone, rescaled to the ensemble's total weight."""
+    torch.manual_seed(0)
+    m5 = build_model("M5", in_dim=D, num_classes=C)
+    mm = build_model("multimodal", in_dim=D, num_classes=C, head_dim=4, body_dim=4, audio_dim=4,
+                     d_model=8)
+    x = np.random.default_rng(0).standard_normal((3, D)).astype(np.float32)
+    x[2] = 0.0  # clip 2 has no face
+    mm_x = np.random.default_rng(1).standard_normal((3, D + 12)).astype(np.float32)
+    mm_x[2, :D] = 0.0
+    mm_mask = np.ones((3, 4), bool)
+    mm_mask[2, 0] = False
+    got = Ensemble([m5, mm], [1.0, 3.0]).scores({"x": x, "mm": mm_x, "mm_mask": mm_mask})
+    with torch.no_grad():
+        s5 = torch.sigmoid(m5.eval()(torch.from_numpy(x))).numpy()
+        smm = torch.sigmoid(mm.eval()(torch.from_numpy(mm_x), torch.from_numpy(mm_mask))).numpy()
+    np.testing.assert_allclose(got[:2], (1.0 * s5 + 3.0 * smm)[:2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[2], 4.0 * smm[2], rtol=1e-5, atol=1e-6)  # M5 cannot use it
+    nothing = Ensemble([m5]).scores(np.zeros((1, D), np.float32))
+    assert not nothing.any()  # no member can score a clip with no face: all zeros

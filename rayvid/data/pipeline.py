@@ -1,13 +1,14 @@
-"""Ray Data pipelines over a prepared dataset: read -> fold filter -> gate -> qFDA | qFF.
+"""Ray Data pipelines over a prepared dataset: read -> fold filter -> gate -> model inputs.
 
 Thin adapter over the numpy core (`rayvid.core.fusion`): one `map_batches` UDF per batch of
 clips, on the flat pyarrow layout, with no Python loop per clip or per face.
 
 - Training (`mode="qfda"`): keep the clips of the training folds, gate their faces, drop
-  clips with no face left, emit `repeats` fresh qFDA samples per clip. Ray Data re-executes
-  the pipeline every epoch, so the draws are fresh every epoch.
+  clips the model cannot use (a face model: no face left; a multimodal one: no modality),
+  emit `repeats` fresh samples per clip of the model's input kind (`rayvid.core.inputs`).
+  Ray Data re-executes the pipeline every epoch, so the draws are fresh every epoch.
 - Evaluation / prediction (`mode="qff"`): all faces, no gate (the 4th place's test-time
-  rule), one quality-weighted feature per clip, with its name and an `ok` flag.
+  rule), every requested input kind per clip, with its name and an `ok` flag.
 
 Shuffling is cheap and bounded: file order is shuffled at read time and batches are
 permuted locally; consumers add a local shuffle buffer (`iter_torch_batches`). Nothing
@@ -25,24 +26,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rayvid.core import fusion
+from rayvid.core import fusion, inputs
 from rayvid.release import schema
 
 log = logging.getLogger(__name__)
 
 FACE_COLUMNS = ["n_faces", "face_det", "face_quality", "face_feat"]
 KEY_COLUMNS = ["label", "strat_rank"]
+# The Parquet columns each modality of a multimodal input reads.
+MODALITY_COLUMNS = {"head": ["n_heads", "head_det", "head_feat"],
+                    "body": ["n_bodies", "body_feat"], "audio": ["audio_feat"]}
 
 
 @dataclass(frozen=True)
 class ClipTransform:
     """The per-batch UDF: picklable config + `__call__(pa.Table) -> dict of numpy`.
 
-    mode: "qfda" (`repeats` augmented samples per clip) or "qff" (one fused feature per
-        clip; training without qFDA uses it with the gate and `drop_empty`).
+    The columns it emits are `rayvid.core.inputs.COLUMNS` of each of `kinds` (built by
+    `rayvid.core.inputs.build`, the same code prediction and serving run), plus `y`
+    (label, -1 for none) and, when not training, `ok` (and `clip` with `with_clip`).
+
+    mode: the face vector: "qfda" (a fresh augmentation draw) or "qff" (quality-weighted
+        fusion; what evaluation uses, and training with qFDA off).
+    train: training: face sets are random draws, modality dropout applies, and each clip
+        gives `repeats` samples, shuffled; clips `kinds[0]` cannot train on are dropped
+        with `drop_empty`.
     folds: (k, fold, keep) with keep "train" (fold != f), "heldout" (fold == f) or None
         (all clips of the split). Test clips (null label) never match a fold filter.
-    gate: (det_min, quality_min) applied before fusion, or None.
+    gate: (det_min, quality_min) applied to faces before anything else, or None.
     """
 
     mode: str = "qff"
@@ -56,39 +67,81 @@ class ClipTransform:
     seed: int | None = None  # None: fresh entropy per batch (fresh every epoch)
     drop_empty: bool = False  # training: drop clips with no (gated) face
     with_clip: bool = False
+    kinds: tuple[str, ...] = ("clip_vector",)
+    face_set_size: int = 16
+    modalities: tuple[str, ...] = inputs.MODALITIES
+    modality_dropout: float = 0.0
+    dims: tuple[int, int, int] = (512, 512, 512)
+    train: bool | None = None  # None: training when drop_empty is set (as before kinds)
 
     def __post_init__(self) -> None:
         if self.mode not in ("qfda", "qff"):
             raise ValueError(f"mode must be qfda or qff, got {self.mode!r}")
+        self.spec  # InputSpec's own checks, when the pipeline is built
+
+    @property
+    def spec(self) -> inputs.InputSpec:
+        return inputs.InputSpec(self.kinds, self.weighting, self.face_set_size,
+                                self.modalities, self.modality_dropout, self.dims)
+
+    @property
+    def training(self) -> bool:
+        return self.drop_empty if self.train is None else self.train
+
+    def columns(self) -> list[str]:
+        """The Parquet columns this transform reads."""
+        cols = KEY_COLUMNS + FACE_COLUMNS + (["clip"] if self.with_clip else [])
+        if "multimodal" in self.kinds:
+            for m in self.modalities:
+                cols += MODALITY_COLUMNS.get(m, [])
+        return cols
+
+    def parts(self, batch: pa.Table) -> inputs.ClipParts:
+        """The batch's detections, flat, of the modalities the kinds need."""
+        f = schema.face_arrays(batch)
+        heads = bodies = audio = None
+        if "multimodal" in self.kinds:
+            hd, bd, ad = self.dims
+            if "head" in self.modalities:
+                heads = inputs.HeadParts(*schema.head_arrays(batch, hd))
+            if "body" in self.modalities:
+                bodies = inputs.BodyParts(*schema.body_arrays(batch, bd))
+            if "audio" in self.modalities:
+                audio = inputs.AudioParts(*schema.audio_arrays(batch, ad))
+        return inputs.ClipParts(inputs.FaceParts(f.feat, f.det, f.quality, f.offsets),
+                                heads, bodies, audio)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         batch = self._filter_folds(batch)
-        feat, det, quality, offsets = schema.face_arrays(batch)
+        parts = self.parts(batch)
         labels = pc.fill_null(batch.column("label"), -1).to_numpy().astype(np.int64)
         clips = batch.column("clip").to_numpy(zero_copy_only=False) if self.with_clip else None
+        spec = self.spec
         if self.gate is not None:
-            keep = fusion.gate_mask(det, quality, *self.gate)
-            feat, det, quality = feat[keep], det[keep], quality[keep]
-            offsets = fusion.compress(keep, offsets)
+            parts = parts.gate_faces(*self.gate)
         if self.drop_empty:
-            counts = np.diff(offsets)
-            alive = counts > 0  # a training clip with no face left is dropped (their rule)
-            if not alive.all():
-                faces = np.repeat(alive, counts)
-                feat, det, quality = feat[faces], det[faces], quality[faces]
-                offsets = fusion.offsets_from_counts(counts[alive])
-                labels = labels[alive]
+            alive = inputs.trainable(self.kinds[0], parts, spec)
+            if not alive.all():  # a training clip the model cannot use is dropped (their rule)
+                parts, labels = parts.take(alive), labels[alive]
                 clips = clips[alive] if clips is not None else None
-        if self.mode == "qff":
-            x, ok = fusion.qff(feat, det, quality, offsets, self.weighting)
-            out = {"x": x, "y": labels, "ok": ok}
+        if not self.training:
+            out = inputs.build(parts, spec)
+            out["y"] = labels
             if clips is not None:
                 out["clip"] = clips
-            if self.repeats > 1:  # training without qFDA: the planned number of steps
-                order = np.random.default_rng(self.seed).permutation(len(labels) * self.repeats)
-                out = {k: np.concatenate([v] * self.repeats)[order] for k, v in out.items()}
             return out
-        return self._qfda(feat, det, quality, offsets, labels)
+        rng = np.random.default_rng(self.seed)
+        qfda = dict(n_draws=self.n_draws, sizes=self.sizes, mix=self.mix) \
+            if self.mode == "qfda" else None
+        keep = [c for k in self.kinds for c in inputs.COLUMNS[k]]
+        if len(labels) == 0:
+            empty = inputs.build(parts, spec)
+            return {**{c: empty[c] for c in keep}, "y": labels}
+        draws = [inputs.build(parts, spec, rng, qfda) for _ in range(self.repeats)]
+        order = rng.permutation(len(labels) * self.repeats)
+        out = {c: np.concatenate([d[c] for d in draws])[order] for c in keep}
+        out["y"] = np.tile(labels, self.repeats)[order]
+        return out
 
     def _filter_folds(self, batch: pa.Table) -> pa.Table:
         if self.folds is None:
@@ -99,15 +152,6 @@ class ClipTransform:
         f = schema.fold_of(label, rank, k)
         mask = (f == fold) if keep == "heldout" else (f != fold)
         return batch.filter(pa.array(mask & (label >= 0)))
-
-    def _qfda(self, feat, det, quality, offsets, labels) -> dict[str, np.ndarray]:
-        if len(labels) == 0:
-            return {"x": np.zeros((0, feat.shape[1]), np.float32), "y": labels}
-        rng = np.random.default_rng(self.seed)
-        xs = [fusion.qfda(feat, det, quality, offsets, rng, self.n_draws, self.sizes, self.mix)
-              for _ in range(self.repeats)]
-        order = rng.permutation(len(labels) * self.repeats)
-        return {"x": np.concatenate(xs)[order], "y": np.tile(labels, self.repeats)[order]}
 
 
 def split_paths(dataset_dir: str | Path, splits: tuple[str, ...] | list[str]) -> list[str]:
@@ -128,9 +172,9 @@ def clip_dataset(dataset_dir: str | Path, splits: tuple[str, ...] | list[str],
     """A lazy Ray Dataset of transformed clips (see ClipTransform for the columns)."""
     import ray.data  # the numpy core above stays importable without Ray
 
-    columns = KEY_COLUMNS + FACE_COLUMNS + (["clip"] if transform.with_clip else [])
     ds = ray.data.read_parquet(split_paths(dataset_dir, splits),
-                               shuffle="files" if shuffle else None).select_columns(columns)
+                               shuffle="files" if shuffle else None
+                               ).select_columns(transform.columns())
     compute = ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None
     return ds.map_batches(transform, batch_format="pyarrow", batch_size=batch_size,
                           zero_copy_batch=True, compute=compute)
@@ -143,16 +187,14 @@ def count_training_clips(dataset_dir: str | Path, splits: tuple[str, ...] | list
 
     def count(batch: pa.Table) -> dict[str, np.ndarray]:
         batch = transform._filter_folds(batch)
-        det = schema.list_values(batch, "face_det")
-        quality = schema.list_values(batch, "face_quality")
-        offsets = fusion.offsets_from_counts(schema.counts(batch, "n_faces"))
-        keep = fusion.gate_mask(det, quality, *transform.gate) if transform.gate else \
-            np.ones(len(det), bool)
-        alive = fusion.segment_sum(keep.astype(np.int64), offsets) > 0
+        parts = transform.parts(batch)
+        if transform.gate:
+            parts = parts.gate_faces(*transform.gate)
+        alive = inputs.trainable(transform.kinds[0], parts, transform.spec)
         return {"n": np.array([int(alive.sum())])}
 
     # select_columns, not read_parquet(columns=...) (deprecated in Ray 2.60): projected
     # at read time all the same
     ds = ray.data.read_parquet(split_paths(dataset_dir, splits)).select_columns(
-        KEY_COLUMNS + ["n_faces", "face_det", "face_quality"])
+        transform.columns())
     return int(ds.map_batches(count, batch_format="pyarrow", batch_size=4096).sum("n") or 0)

@@ -135,7 +135,8 @@ class RunSpec:
 
 def read_run(run_dir: str | os.PathLike) -> RunSpec:
     """Check `run_dir/ensemble.json` and its members' configs without loading weights."""
-    from rayvid.model.checkpoints import read_model_config  # torch: not at import (infer.api)
+    from rayvid.model.architectures import input_kind_of  # torch: not at import (infer.api)
+    from rayvid.model.checkpoints import read_model_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -145,7 +146,9 @@ def read_run(run_dir: str | os.PathLike) -> RunSpec:
     except run_folder.RunFolderError as e:
         raise PredictError(str(e)) from None
     try:
-        classes = {int(read_model_config(p)["num_classes"]) for p in ens.member_dirs(run_dir)}
+        configs = [read_model_config(p) for p in ens.member_dirs(run_dir)]
+        classes = {int(c["num_classes"]) for c in configs}
+        kinds = {input_kind_of(c["arch"]) for c in configs}
     except FileNotFoundError as e:
         raise PredictError(f"run {run_dir}: {e}") from None
     except (ValueError, KeyError, TypeError) as e:
@@ -155,6 +158,11 @@ def read_run(run_dir: str | os.PathLike) -> RunSpec:
         raise PredictError(f"run {run_dir}: {run_folder.ENSEMBLE_FILE} needs members that all "
                            f"have the same num_classes (members: {sorted(classes)}, "
                            f"file: {ens.num_classes})")
+    missing = sorted(kinds - set(ens.input_spec().kinds))
+    if missing:
+        raise PredictError(f"run {run_dir}: members take {missing} inputs but "
+                           f"{run_folder.ENSEMBLE_FILE} inputs.kinds lists "
+                           f"{list(ens.input_spec().kinds)}")
     weighting = ens.weighting
     if weighting is None:
         log.warning("run %s: %s records no weighting; using the default", run_dir,
@@ -203,7 +211,8 @@ def find_gt(meta: dict[str, Any], split: str, gt_path: str | os.PathLike | None)
 class EnsembleScorer:
     """Ray Data actor UDF: loads the run's ensemble once, then scores batches of clips.
 
-    In: {"x": (n, 512) float32 qFF features, "ok": (n,) bool, "clip": (n,) str}.
+    In: the inputs of every member's kind (`rayvid.core.inputs.build`: "x" (n, 512) qFF
+    features, "faces"/"face_mask", "mm"/"mm_mask"), "ok" and "clip" (n,) str.
     Out: a `SCORED_SCHEMA` table (see `score_table`).
     """
 
@@ -219,9 +228,15 @@ class EnsembleScorer:
         self.top_k_clip, self.top_k_identity = top_k_clip, top_k_identity
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        scores = self.ensemble.scores(batch["x"])
-        return score_table(batch["clip"], batch["ok"], scores, self.top_k_clip,
-                           self.top_k_identity)
+        from rayvid.core.inputs import usable
+
+        scores = self.ensemble.scores(batch)
+        # ok: some member can score the clip (a face for the face models; any modality
+        # for a multimodal one), else its scores are all zero
+        ok = np.zeros(len(batch["clip"]), bool)
+        for kind in self.ensemble.input_kinds:
+            ok |= usable(kind, batch)
+        return score_table(batch["clip"], ok, scores, self.top_k_clip, self.top_k_identity)
 
 
 def scored_dataset(spec: RunSpec, dataset_dir: str | os.PathLike, split: str, *,
@@ -230,7 +245,10 @@ def scored_dataset(spec: RunSpec, dataset_dir: str | os.PathLike, split: str, *,
     """The lazy Ray Dataset of scored clips, in dataset order (`SCORED_SCHEMA` blocks)."""
     import ray.data
 
-    transform = data.ClipTransform(mode="qff", weighting=spec.weighting, with_clip=True)
+    inputs = spec.ensemble.input_spec()
+    transform = data.ClipTransform(mode="qff", weighting=spec.weighting, with_clip=True,
+                                   kinds=inputs.kinds, face_set_size=inputs.face_set_size,
+                                   modalities=inputs.modalities, dims=inputs.dims)
     ds = data.clip_dataset(dataset_dir, [split], transform, batch_size=batch_size)
     ds = ds.map_batches(
         EnsembleScorer, batch_format="numpy", batch_size=batch_size,

@@ -29,8 +29,18 @@ from torch import nn
 from rayvid.model import prototype as _prototype  # noqa: F401  (registers "prototype")
 from rayvid.model.registry import MODELS, NUM_CLASSES, RayvidModel, register_model
 
-__all__ = ["MLP_ARCHS", "MODELS", "NUM_CLASSES", "RayvidModel", "build_from_config",
-           "build_model", "register_model"]
+__all__ = ["COSINE_HEADS", "MLP_ARCHS", "MODELS", "NUM_CLASSES", "RayvidModel",
+           "build_from_config", "build_model", "input_kind_of", "register_model"]
+
+# Architectures whose outputs are cosines (a margin loss trains them; `logit_scale` = s).
+COSINE_HEADS = ("cosine_mlp", "attention")
+
+
+def input_kind_of(arch: str) -> str:
+    """The input kind (`rayvid.core.inputs`) a registered architecture consumes."""
+    if arch not in MODELS:
+        raise ValueError(f"unknown model {arch!r}; known: {sorted(MODELS)}")
+    return getattr(MODELS[arch], "input_kind", "clip_vector")
 
 
 def build_model(name: str, in_dim: int = 512, num_classes: int = NUM_CLASSES, **kwargs: Any) -> "RayvidModel":
@@ -233,9 +243,13 @@ class MultiModal(RayvidModel):
     def __init__(
         self, in_dim: int = 512, num_classes: int = NUM_CLASSES, head_dim: int = 512,
         body_dim: int = 512, audio_dim: int = 512, d_model: int = 512, dropout: float = 0.5,
+        head_bias: str = "zero",
     ) -> None:
+        if head_bias not in HEAD_BIASES:
+            raise ValueError(f"head_bias must be one of {HEAD_BIASES}, got {head_bias!r}")
         super().__init__("multimodal", in_dim=in_dim, num_classes=num_classes, head_dim=head_dim,
-                         body_dim=body_dim, audio_dim=audio_dim, d_model=d_model, dropout=dropout)
+                         body_dim=body_dim, audio_dim=audio_dim, d_model=d_model, dropout=dropout,
+                         head_bias=head_bias)
         self.dims = (in_dim, head_dim, body_dim, audio_dim)
         self.embed = nn.ModuleList(
             nn.Sequential(nn.Linear(d, d_model), nn.SiLU(), nn.LayerNorm(d_model)) for d in self.dims
@@ -246,6 +260,8 @@ class MultiModal(RayvidModel):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_model, 1024), nn.SiLU(),
                                   nn.Dropout(dropout), nn.Linear(1024, num_classes))
         _init_linear(self)
+        if head_bias == "prior" and num_classes > 1:  # as the MLPs' (see MLP)
+            nn.init.constant_(self.head[-1].bias, -math.log(num_classes - 1))
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         parts = torch.split(x, self.dims, dim=-1)

@@ -2,6 +2,7 @@
 
     ens = Ensemble.from_run("runs/exp1")       # reads runs/exp1/ensemble.json
     scores = ens.scores(clip_feats)            # (n, 512) float32 -> (n, C) float32
+    scores = ens.scores(inputs.build(parts, spec))   # mixed kinds: a dict of inputs
 
 The run folder's `ensemble.json` (members, weights, the qFF weighting) is read by
 `rayvid.model.run_folder`; its keys other than the members are kept in `Ensemble.info`.
@@ -12,19 +13,22 @@ Pure torch, no Ray: Ray Data batch prediction and Ray Serve both wrap this class
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from rayvid.core.inputs import COLUMNS, INPUT_KINDS
+from rayvid.core.inputs import usable as _usable
 from rayvid.model.checkpoints import load_model
 from rayvid.model.run_folder import read_ensemble
 
 
 class Ensemble:
-    """Members (rayvid models) that agree on `num_classes` and `input_kind`, with blend weights.
+    """Members (rayvid models) that agree on `num_classes`, with blend weights. Members may
+    take different input kinds (`rayvid.core.inputs`): `scores` feeds each its own.
 
     members: models in any mode (they are put in eval mode and moved to `device`).
     weights: one per member, default all 1.0 (the 4th place summed 5 archs x 5 folds).
@@ -41,20 +45,22 @@ class Ensemble:
         if len(weights) != len(members):
             raise ValueError(f"{len(members)} members but {len(weights)} weights")
         classes = {_num_classes(m) for m in members}
-        kinds = {getattr(m, "input_kind", "clip_vector") for m in members}
         if len(classes) != 1:
             raise ValueError(f"ensemble members disagree on num_classes: {sorted(classes)}")
-        if len(kinds) != 1:
-            raise ValueError(f"ensemble members disagree on input kind: {sorted(kinds)}")
         self.members = [m.eval() for m in members]
+        self.kinds = [getattr(m, "input_kind", "clip_vector") for m in members]
         self.weights = weights
         self.batch_size = int(batch_size)
         self.info = dict(info or {})
         self._num_classes = classes.pop()
-        self.input_kind: str = kinds.pop()
         self.device = torch.device(device)
         for m in self.members:
             m.to(self.device)
+
+    @property
+    def input_kinds(self) -> tuple[str, ...]:
+        """The input kinds the members need, in `rayvid.core.inputs.INPUT_KINDS` order."""
+        return tuple(k for k in INPUT_KINDS if k in self.kinds)
 
     @classmethod
     def from_dirs(
@@ -86,36 +92,70 @@ class Ensemble:
             m.to(self.device)
         return self
 
-    def scores(self, x: np.ndarray, mask: np.ndarray | None = None,
+    def scores(self, x: np.ndarray | Mapping[str, np.ndarray], mask: np.ndarray | None = None,
                weights: Sequence[float] | None = None) -> np.ndarray:
-        """Weighted sum over members of `sigmoid(logit_scale * output)`, `(n, C) float32`.
+        """Blend of the members' `sigmoid(logit_scale * output)`, `(n, C) float32`.
 
-        x: `(n, in_dim) float32` fused clip features for clip-vector members; `(n, F, in_dim + 2)`
-        face sets for "face_set" members; `(n, sum of modality dims)` for "multimodal".
-        mask: `(n, F) bool` face mask, or `(n, 4) bool` modality presence; None when unused.
+        x: the inputs as `rayvid.core.inputs.build` returns them (`x`, `faces` +
+            `face_mask`, `mm` + `mm_mask`: the columns of every member's kind), or, for an
+            ensemble of clip-vector members only, the `(n, 512)` clip features themselves.
+        mask: with an array `x` of another kind: its mask (face mask or modality presence).
         weights: one per member for this call (a served ensemble's current weights);
             None uses `self.weights`.
+
+        Per clip, only the members that can use it (`rayvid.core.inputs.usable`: a face
+        model needs a face) are blended, rescaled to the full weight: a clip every member
+        can use gets the plain weighted sum (the 4th place's blend), a faceless clip the
+        multimodal members' share scaled up, and a clip no member can use all zeros.
         """
         weights = self.weights if weights is None else [float(w) for w in weights]
         if len(weights) != len(self.members):
             raise ValueError(f"{len(self.members)} members but {len(weights)} weights")
-        x = np.asarray(x, dtype=np.float32)
-        out = np.empty((len(x), self.num_classes), dtype=np.float32)
+        inputs = self._inputs(x, mask)
+        n = len(next(iter(inputs.values())))
+        usable = {k: np.asarray(_usable(k, inputs), bool) for k in self.input_kinds}
+        total_w = float(sum(weights))
+        out = np.empty((n, self.num_classes), dtype=np.float32)
         with torch.inference_mode():
-            for lo in range(0, len(x), self.batch_size):
-                xb = torch.from_numpy(x[lo:lo + self.batch_size]).to(self.device)
-                args = [xb]
-                if mask is not None:
-                    args.append(torch.from_numpy(np.asarray(mask[lo:lo + self.batch_size], dtype=bool)).to(self.device))
-                total = torch.zeros((len(xb), self.num_classes), dtype=torch.float32, device=self.device)
-                for m, w in zip(self.members, weights):
+            for lo in range(0, n, self.batch_size):
+                hi = min(lo + self.batch_size, n)
+                cols = {c: torch.from_numpy(np.ascontiguousarray(v[lo:hi])).to(self.device)
+                        for c, v in inputs.items() if c in _ALL_COLUMNS}
+                total = torch.zeros((hi - lo, self.num_classes), dtype=torch.float32,
+                                    device=self.device)
+                wsum = torch.zeros((hi - lo, 1), dtype=torch.float32, device=self.device)
+                for m, w, kind in zip(self.members, weights, self.kinds):
+                    use = torch.from_numpy(usable[kind][lo:hi]).to(self.device)[:, None].float()
+                    args = [cols[c].float() if cols[c].dtype == torch.float16 else cols[c]
+                            for c in COLUMNS[kind]]
                     scale = float(getattr(m, "logit_scale", 1.0))
-                    total += w * torch.sigmoid(scale * m(*args).float())
-                out[lo:lo + len(xb)] = total.cpu().numpy()
+                    total += (w * use) * torch.sigmoid(scale * m(*args).float())
+                    wsum += w * use
+                total *= total_w / wsum.clamp_min(1e-12)
+                out[lo:hi] = total.cpu().numpy()
         return out
+
+    def _inputs(self, x: np.ndarray | Mapping[str, np.ndarray],
+                mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        if isinstance(x, Mapping):
+            missing = sorted({c for k in self.input_kinds for c in COLUMNS[k]} - set(x))
+            if missing:
+                raise ValueError(f"the ensemble's members need input column(s) {missing}")
+            return dict(x)
+        if len(self.input_kinds) != 1:
+            raise ValueError(f"members take {list(self.input_kinds)}: pass a dict of inputs")
+        kind = self.input_kinds[0]
+        cols = COLUMNS[kind]
+        arrays = [np.asarray(x, np.float32)] + ([] if mask is None else [np.asarray(mask, bool)])
+        if len(arrays) != len(cols):
+            raise ValueError(f"{kind} members take {list(cols)}")
+        return dict(zip(cols, arrays))
 
     def __len__(self) -> int:
         return len(self.members)
+
+
+_ALL_COLUMNS = {c for cols in COLUMNS.values() for c in cols}
 
 
 def _num_classes(model: nn.Module) -> int:

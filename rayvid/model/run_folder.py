@@ -15,11 +15,13 @@
     {"members": [{"path": "folds/0/M5/best", "weight": 1.0, "fold": 0, "arch": "M5",
                   "fold_map": 0.81}, ...],
      "weighting": {"kind": "bands", "cuts": [...], "values": [...], "power": 1.0},
-     "num_classes": 10035}
+     "num_classes": 10035,
+     "inputs": {"kinds": ["clip_vector", "multimodal"], "face_set_size": 16,
+                "modalities": ["face", "head", "body", "audio"], "dims": [512, 512, 512]}}
 
 `path` is relative to the run folder (an absolute path is kept as is); `weight` defaults to
-1.0; `fold`, `arch`, `fold_map`, `weighting` and `num_classes` are optional (older runs
-lack them). `serving.json`: `{"unknown_threshold": 0.42, "calibration": {...}}`.
+1.0; `fold`, `arch`, `fold_map`, `weighting`, `num_classes` and `inputs` are optional (older
+runs lack them; no `inputs` means clip vectors only, `rayvid.core.inputs.InputSpec`). `serving.json`: `{"unknown_threshold": 0.42, "calibration": {...}}`.
 A missing or malformed file raises `RunFolderError` naming the file and the field. Both
 files are written under a temporary name and renamed (`rayvid.core.atomic`).
 """
@@ -38,6 +40,7 @@ import numpy as np
 
 from rayvid.core.atomic import write_json
 from rayvid.core.fusion import Weighting
+from rayvid.core.inputs import InputSpec
 
 ENSEMBLE_FILE = "ensemble.json"
 SERVING_FILE = "serving.json"
@@ -137,6 +140,18 @@ class EnsembleSpec:
     def total_weight(self) -> float:
         return sum(self.weights)
 
+    def input_spec(self) -> InputSpec:
+        """How to build the members' inputs (`rayvid.core.inputs`): the file's `inputs`
+        object, or (runs older than the field) clip vectors only; always with `weighting`."""
+        weighting = self.weighting or Weighting()
+        raw = self.extra.get("inputs")
+        if raw is None:
+            return InputSpec(weighting=weighting)
+        try:
+            return InputSpec.from_json(dict(raw), weighting)
+        except (ValueError, TypeError) as e:
+            raise RunFolderError(f"{ENSEMBLE_FILE}: inputs: {e}") from None
+
     def member_dirs(self, run_dir: str | os.PathLike) -> list[Path]:
         """The members' checkpoint directories (relative paths resolved against `run_dir`)."""
         return [Path(run_dir) / m.path for m in self.members]
@@ -176,7 +191,14 @@ def read_ensemble(run_dir: str | os.PathLike) -> EnsembleSpec:
     if sum(m.weight for m in members) <= 0:
         raise RunFolderError(f"{path}: members[].weight: the weights sum to 0")
     extra = {k: v for k, v in spec.items() if k not in ("members", "weighting", "num_classes")}
-    return EnsembleSpec(members, weighting, num_classes, extra)
+    if "inputs" in extra and not isinstance(extra["inputs"], dict):
+        raise RunFolderError(f"{path}: inputs: expected an object, got {extra['inputs']!r}")
+    out = EnsembleSpec(members, weighting, num_classes, extra)
+    try:
+        out.input_spec()
+    except RunFolderError as e:
+        raise RunFolderError(f"{path}: {str(e).split(': ', 1)[1]}") from None
+    return out
 
 
 def write_ensemble(run_dir: str | os.PathLike, spec: EnsembleSpec) -> Path:

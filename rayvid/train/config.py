@@ -97,6 +97,9 @@ class ModelSection(Config):
     # Weight of the prototype (class-mean) head in the ensemble, relative to the MLPs'
     # total: 0 = the 4th place's pure MLP blend (see rayvid.model.prototype).
     prototype_weight: float = Field(1.0, ge=0.0)
+    # Width (d_model) of the attention and multimodal models; None: attention 128 (CPU-sized;
+    # the 3rd place used 512), multimodal 512.
+    width: int | None = Field(None, ge=8)
 
     @field_validator("archs")
     @classmethod
@@ -107,6 +110,24 @@ class ModelSection(Config):
         if not archs or unknown:
             raise ValueError(f"unknown model(s) {unknown or 'none given'}; known: {sorted(MODELS)}")
         return archs
+
+
+class InputsSection(Config):
+    """What the face-set and multimodal models read (`rayvid.core.inputs`): the faces per
+    set (3rd place: 40), the modalities a multimodal model uses, and its training-time
+    modality dropout (each present modality masked with this chance, never all)."""
+
+    face_set_size: int = Field(16, ge=1)
+    modalities: tuple[Literal["face", "head", "body", "audio"], ...] = ("face", "head", "body",
+                                                                       "audio")
+    modality_dropout: float = Field(0.25, ge=0.0, lt=1.0)
+
+    @field_validator("modalities")
+    @classmethod
+    def _some(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"modalities {list(value)}: give each at most once, at least one")
+        return value
 
 
 class LossStage(Config):
@@ -127,8 +148,13 @@ LOSS_PRESETS: dict[str, tuple[LossStage, ...]] = {
     "fourth_place": _stages(fp.LOSS_STAGES),
     "ce": _stages([(0.0, {"ce": 1.0})]),
     "start_combine": _stages([fp.LOSS_STAGES[0], (fp.LOSS_STAGES[1][0], fp.COMBINE)]),
+    # for `cosine_stages`: the cosine heads' margin losses
+    "arcface": _stages([(0.0, {"arcface": 1.0})]),
+    "cosface": _stages([(0.0, {"cosface": 1.0})]),
 }
 FOURTH_PLACE_STAGES = LOSS_PRESETS["fourth_place"]
+MARGIN_LOSSES = ("arcface", "cosface", "margin")
+COSINE = ("cosine_mlp", "attention")  # rayvid.model.architectures.COSINE_HEADS (no torch here)
 
 
 class LossSection(Config):
@@ -136,9 +162,14 @@ class LossSection(Config):
     of LOSS_PRESETS."""
 
     stages: tuple[LossStage, ...] = FOURTH_PLACE_STAGES
+    # The cosine heads' (`cosine_mlp`, `attention`) loss: margin losses only. The 3rd place:
+    # ArcFace, s = 30, m = 0.5.
+    cosine_stages: tuple[LossStage, ...] = LOSS_PRESETS["arcface"]
+    margin_scale: float = Field(30.0, gt=0)  # s, also the cosine heads' logit scale
+    margin: float | None = Field(None, ge=0.0, lt=1.5)  # None: the preset's (arcface 0.5, cosface 0.35)
     uir_lambda: float = 0.1
 
-    @field_validator("stages", mode="before")
+    @field_validator("stages", "cosine_stages", mode="before")
     @classmethod
     def _preset(cls, value: Any) -> Any:
         if isinstance(value, str) and value.lstrip().startswith("["):
@@ -156,14 +187,27 @@ class LossSection(Config):
     def _check(self) -> "LossSection":
         from rayvid.model.losses import LOSSES, LossSchedule  # torch: imported when checked only
 
-        starts = [s.start for s in self.stages]
-        try:  # the schedule's own rule: first at 0.0, then strictly increasing within [0, 1]
-            LossSchedule([(s.start, s.weights) for s in self.stages])
-        except ValueError as e:
-            raise ValueError(f"stages (starts {starts}): {e}") from None
-        unknown = sorted({n for s in self.stages for n in s.weights} - set(LOSSES))
-        if unknown:
-            raise ValueError(f"stages use unknown loss(es) {unknown}; known: {sorted(LOSSES)}")
+        # the schedule's own rule: first at 0.0, then strictly increasing within [0, 1]
+        for key, stages in (("stages", self.stages), ("cosine_stages", self.cosine_stages)):
+            try:
+                LossSchedule([(s.start, s.weights) for s in stages])
+            except ValueError as e:
+                raise ValueError(f"{key} (starts {[s.start for s in stages]}): {e}") from None
+            unknown = sorted({n for s in stages for n in s.weights} - set(LOSSES))
+            if unknown:
+                raise ValueError(f"{key} use unknown loss(es) {unknown}; known: {sorted(LOSSES)}")
+        margins = sorted({n for s in self.stages for n in s.weights} & set(MARGIN_LOSSES))
+        if margins:
+            raise ValueError(
+                f"stages use {margins}: a margin loss needs a cosine head. `stages` trains the "
+                f"sigmoid-scored heads (M1-M5, multimodal); cosine heads ({', '.join(COSINE)}) "
+                "take theirs from cosine_stages")
+        other = sorted({n for s in self.cosine_stages for n in s.weights} - set(MARGIN_LOSSES))
+        if other:
+            raise ValueError(
+                f"cosine_stages use {other}: the cosine heads ({', '.join(COSINE)}) are trained "
+                f"with margin losses only ({', '.join(MARGIN_LOSSES)}); focal, CE and UIR "
+                "belong in `stages` (sigmoid heads)")
         return self
 
 
@@ -236,6 +280,7 @@ class TrainJobConfig(Config):
     fusion: FusionSection = FusionSection()
     qfda: QFDASection = QFDASection()
     model: ModelSection = ModelSection()
+    inputs: InputsSection = InputsSection()
     loss: LossSection = LossSection()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()

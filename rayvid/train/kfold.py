@@ -25,21 +25,34 @@ from rayvid.core.atomic import write_json
 from rayvid.model import run_folder
 from rayvid.release.schema import read_meta
 from rayvid.train.config import TrainJobConfig
-from rayvid.train.worker import (PROGRESS_FILE, RESULT_FILE, FoldPlan, plan_fold,
-                                 train_loop_per_worker)
+from rayvid.core.inputs import INPUT_KINDS, InputSpec
+from rayvid.model.architectures import input_kind_of
+from rayvid.train.worker import (PROGRESS_FILE, RESULT_FILE, FoldPlan, input_columns,
+                                 plan_fold, train_loop_per_worker)
 
 log = logging.getLogger(__name__)
 
-def transforms(cfg: TrainJobConfig, fold: int) -> tuple[rdata.ClipTransform, rdata.ClipTransform]:
-    """(training, held-out) per-batch transforms of one fold."""
+def dataset_dims(meta: dict) -> tuple[int, int, int]:
+    """(head, body, audio) feature dims of a prepared dataset (512 for a modality it lacks)."""
+    dims = meta.get("dims") or {}
+    return tuple(int(dims.get(m) or 512) for m in ("head", "body", "audio"))  # type: ignore[return-value]
+
+
+def transforms(cfg: TrainJobConfig, fold: int, arch: str = "M5",
+               dims: tuple[int, int, int] = (512, 512, 512)
+               ) -> tuple[rdata.ClipTransform, rdata.ClipTransform]:
+    """(training, held-out) per-batch transforms of one fold, building `arch`'s input kind."""
     gate = (cfg.gate.det_min, cfg.gate.quality_min) if cfg.gate.enabled else None
+    kinds = (input_kind_of(arch),)
+    common = dict(weighting=cfg.fusion.weighting, kinds=kinds, dims=dims,
+                  face_set_size=cfg.inputs.face_set_size, modalities=cfg.inputs.modalities)
     train = rdata.ClipTransform(
-        mode="qfda" if cfg.qfda.enabled else "qff", weighting=cfg.fusion.weighting, gate=gate,
+        mode="qfda" if cfg.qfda.enabled else "qff", gate=gate,
         folds=(cfg.folds.k, fold, "train"), n_draws=cfg.qfda.n_draws, sizes=cfg.qfda.sizes,
-        mix=cfg.qfda.mix, drop_empty=True)
+        mix=cfg.qfda.mix, drop_empty=True, modality_dropout=cfg.inputs.modality_dropout,
+        **common)
     # Held-out clips are scored as test clips are: every face, no gate, qFF.
-    heldout = rdata.ClipTransform(mode="qff", weighting=cfg.fusion.weighting,
-                                  folds=(cfg.folds.k, fold, "heldout"))
+    heldout = rdata.ClipTransform(mode="qff", folds=(cfg.folds.k, fold, "heldout"), **common)
     return train, heldout
 
 
@@ -66,9 +79,12 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
         # `best` as it is now: the run folder may have moved (or been copied) since.
         return {**json.loads((out / RESULT_FILE).read_text()), "best": str(out / "best")}
     out.mkdir(parents=True, exist_ok=True)
-    train_tf, heldout_tf = transforms(cfg, fold)
+    meta = read_meta(dataset)
+    dims = dataset_dims(meta)
+    train_tf, heldout_tf = transforms(cfg, fold, arch, dims)
     n_train = rdata.count_training_clips(dataset, cfg.folds.splits, train_tf)
-    plan = plan_fold(cfg, n_train, read_meta(dataset)["num_classes"], fold, arch, out)
+    plan = plan_fold(cfg, n_train, meta["num_classes"], fold, arch, out, dims)
+    columns = [*input_columns(arch), "y"]
     train_tf = dataclasses.replace(train_tf, repeats=plan.repeats)
     what = "qFDA draws" if cfg.qfda.enabled else "copies of its qFF vector"
     log.info("[fold %d %s] %d training clips, %d %s per clip per epoch, %d epochs x %d steps",
@@ -77,11 +93,12 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "plan": dataclasses.asdict(plan)},
         scaling_config=_scaling(cfg),
-        # x, y only: qFF mode (qfda.enabled=false) also emits `ok`, which the loop never uses
+        # the model's input columns and y only
         datasets={"train": rdata.clip_dataset(dataset, cfg.folds.splits, train_tf,
-                                              shuffle=True).select_columns(["x", "y"]),
+                                              shuffle=True).select_columns(columns),
                   # deterministic (qFF): computed once, not re-executed every epoch
-                  "val": rdata.clip_dataset(dataset, cfg.folds.splits, heldout_tf).materialize()},
+                  "val": rdata.clip_dataset(dataset, cfg.folds.splits, heldout_tf
+                                            ).select_columns(columns).materialize()},
         dataset_config=DataConfig(datasets_to_split="all"),
         run_config=RunConfig(
             name=f"{cfg.name}-fold{fold}-{arch}", storage_path=str(run_dir / "ray_results"),
@@ -186,9 +203,10 @@ def train_kfold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path) -
             results = list(pool.map(lambda j: train_fold(cfg, dataset, run_dir, *j), jobs))
     else:
         results = [train_fold(cfg, dataset, run_dir, f, a) for f, a in jobs]
-    num_classes = read_meta(dataset)["num_classes"]
+    meta = read_meta(dataset)
+    num_classes = meta["num_classes"]
     proto = fit_prototype(cfg, dataset, run_dir, num_classes) if cfg.model.prototype_weight > 0 else None
-    write_ensemble(cfg, run_dir, results, num_classes, proto)
+    write_ensemble(cfg, run_dir, results, num_classes, proto, dataset_dims(meta))
     return results
 
 
@@ -209,7 +227,8 @@ def fit_prototype(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path,
 
 
 def write_ensemble(cfg: TrainJobConfig, run_dir: str | Path, results: list[dict],
-                   num_classes: int, prototype: Path | None = None) -> Path:
+                   num_classes: int, prototype: Path | None = None,
+                   dims: tuple[int, int, int] = (512, 512, 512)) -> Path:
     """`ensemble.json` (`rayvid.model.run_folder`): members (best checkpoint of every fold x
     arch, plus the prototype head weighted `model.prototype_weight` x the MLPs' total) + the
     qFF weighting."""
@@ -220,5 +239,15 @@ def write_ensemble(cfg: TrainJobConfig, run_dir: str | Path, results: list[dict]
     if prototype is not None:
         members.append(run_folder.Member(str(prototype.relative_to(run_dir)), arch="prototype",
                                          weight=cfg.model.prototype_weight * max(len(results), 1)))
-    spec = run_folder.EnsembleSpec(tuple(members), cfg.fusion.weighting, num_classes)
+    kinds = {input_kind_of(r["arch"]) for r in results}
+    if prototype is not None:
+        kinds.add("clip_vector")
+    spec = run_folder.EnsembleSpec(tuple(members), cfg.fusion.weighting, num_classes,
+                                   {"inputs": input_spec(cfg, kinds, dims).to_json()})
     return run_folder.write_ensemble(run_dir, spec)
+
+
+def input_spec(cfg: TrainJobConfig, kinds, dims: tuple[int, int, int]) -> InputSpec:
+    """The inputs the ensemble's members read, as `ensemble.json` records them."""
+    return InputSpec(tuple(k for k in INPUT_KINDS if k in kinds), cfg.fusion.weighting,
+                     cfg.inputs.face_set_size, tuple(cfg.inputs.modalities), dims=dims)

@@ -30,7 +30,8 @@ from rayvid.model.checkpoints import save_checkpoint, unwrap_model
 from rayvid.config import from_dict, to_dict
 from rayvid.model.losses import LossSchedule, MixedLoss
 from rayvid.core.metrics import map_from_topk
-from rayvid.model.architectures import MLP_ARCHS, build_model
+from rayvid.core.inputs import COLUMNS
+from rayvid.model.architectures import COSINE_HEADS, MLP_ARCHS, build_model, input_kind_of
 from rayvid.model.schedules import LRSchedule, apply
 from rayvid.core.atomic import write_json
 from rayvid.core.submission import TopKPerIdentity
@@ -55,6 +56,7 @@ class FoldPlan:
     epochs: int
     steps_per_epoch: int
     out_dir: str  # RUN/folds/<fold>/<arch>
+    dims: tuple[int, int, int] = (512, 512, 512)  # head, body, audio feature dims
 
     @property
     def total_steps(self) -> int:
@@ -62,7 +64,7 @@ class FoldPlan:
 
 
 def plan_fold(cfg: TrainJobConfig, n_train: int, num_classes: int, fold: int, arch: str,
-              out_dir: Path) -> FoldPlan:
+              out_dir: Path, dims: tuple[int, int, int] = (512, 512, 512)) -> FoldPlan:
     """Size-invariant plan: total steps from `optim`, spread over `train.epochs` epochs."""
     if n_train <= 0:
         raise ValueError(f"fold {fold}: no training clip survives the gate")
@@ -72,17 +74,34 @@ def plan_fold(cfg: TrainJobConfig, n_train: int, num_classes: int, fold: int, ar
     want_per_epoch = math.ceil(total / epochs)
     repeats = max(1, round(want_per_epoch * cfg.optim.batch_size * world / n_train))
     per_epoch = math.ceil(n_train * repeats / (cfg.optim.batch_size * world))
-    return FoldPlan(fold, arch, num_classes, n_train, repeats, epochs, per_epoch, str(out_dir))
+    return FoldPlan(fold, arch, num_classes, n_train, repeats, epochs, per_epoch, str(out_dir),
+                    tuple(dims))
 
 
-def model_kwargs(cfg: TrainJobConfig, arch: str) -> dict[str, Any]:
-    """The `model` section's constructor options that `arch` takes (the MLPs take both)."""
-    if arch not in MLP_ARCHS:
-        return {}
-    kwargs: dict[str, Any] = {"head_bias": cfg.model.head_bias}
-    if cfg.model.dropout is not None:
-        kwargs["dropout"] = cfg.model.dropout
-    return kwargs
+def model_kwargs(cfg: TrainJobConfig, arch: str, dims: tuple[int, int, int] = (512, 512, 512)
+                 ) -> dict[str, Any]:
+    """The constructor options `arch` takes from the config: the MLPs' head bias and
+    dropout, the cosine heads' scale (= the margin loss's s), the attention and multimodal
+    widths, and the multimodal model's head/body/audio dims (the dataset's)."""
+    m = cfg.model
+    if arch in MLP_ARCHS:
+        kwargs: dict[str, Any] = {"head_bias": m.head_bias}
+        if m.dropout is not None:
+            kwargs["dropout"] = m.dropout
+        return kwargs
+    if arch == "cosine_mlp":
+        return {"scale": cfg.loss.margin_scale}
+    if arch == "attention":
+        width = m.width or 128
+        return {"d_model": width, "num_heads": max(1, min(8, width // 32)),
+                "scale": cfg.loss.margin_scale}
+    if arch == "multimodal":
+        kwargs = {"head_dim": dims[0], "body_dim": dims[1], "audio_dim": dims[2],
+                  "d_model": m.width or 512, "head_bias": m.head_bias}
+        if m.dropout is not None:
+            kwargs["dropout"] = m.dropout
+        return kwargs
+    return {}
 
 
 def lr_schedule(cfg: TrainJobConfig) -> LRSchedule:
@@ -92,10 +111,32 @@ def lr_schedule(cfg: TrainJobConfig) -> LRSchedule:
                       min_lr=o.min_lr)
 
 
-def build_criterion(cfg: TrainJobConfig) -> tuple[MixedLoss, LossSchedule]:
-    schedule = LossSchedule([(s.start, s.weights) for s in cfg.loss.stages])
-    options = {"uir": {"lam": cfg.loss.uir_lambda}} if "uir" in schedule.names else None
-    return MixedLoss({n: 1.0 for n in schedule.names}, options), schedule
+def build_criterion(cfg: TrainJobConfig, arch: str = "M5") -> tuple[MixedLoss, LossSchedule]:
+    """The loss mix and its schedule for `arch`: `loss.cosine_stages` for a cosine head (with
+    `loss.margin_scale` and `loss.margin`), else `loss.stages`."""
+    stages = cfg.loss.cosine_stages if arch in COSINE_HEADS else cfg.loss.stages
+    schedule = LossSchedule([(s.start, s.weights) for s in stages])
+    options: dict[str, dict[str, float]] = {}
+    if "uir" in schedule.names:
+        options["uir"] = {"lam": cfg.loss.uir_lambda}
+    for name in ("arcface", "cosface"):
+        if name in schedule.names:
+            options[name] = {"s": cfg.loss.margin_scale}
+            if cfg.loss.margin is not None:
+                options[name]["m"] = cfg.loss.margin
+    if "margin" in schedule.names:
+        options["margin"] = {"s": cfg.loss.margin_scale}
+    return MixedLoss({n: 1.0 for n in schedule.names}, options or None), schedule
+
+
+def input_columns(arch: str) -> tuple[str, ...]:
+    """The batch columns `arch`'s forward takes, in order (`rayvid.core.inputs.COLUMNS`)."""
+    return COLUMNS[input_kind_of(arch)]
+
+
+# How each input column is handed to the model (face sets travel as float16).
+COLUMN_DTYPES = {"x": torch.float32, "faces": torch.float32, "face_mask": torch.bool,
+                 "mm": torch.float32, "mm_mask": torch.bool, "y": torch.int64}
 
 
 def make_optimizer(cfg: TrainJobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -109,15 +150,18 @@ def use_bf16(cfg: TrainJobConfig, device: torch.device) -> bool:
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, criterion: MixedLoss,
-               x: torch.Tensor, y: torch.Tensor, bf16: bool) -> torch.Tensor:
+               x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor,
+               bf16: bool) -> torch.Tensor:
     """One optimizer step, the worker's and the benchmarks' own: forward under bf16
     autocast when `bf16`, the loss on float32 logits, backward, `opt.step()`.
 
-    x: (batch, 512) float32 clip features on the model's device; y: (batch,) int64 labels.
+    x: the model's inputs on its device: (batch, 512) float32 clip features, or a tuple
+    (features, mask) for face-set and multimodal models; y: (batch,) int64 labels.
     Returns the loss, detached and left on the device (no host sync per step).
     """
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(x)
+    args = x if isinstance(x, tuple) else (x,)
+    with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(*args)
     loss = criterion(logits.float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -143,7 +187,8 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, An
     return state
 
 
-def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.device) -> dict:
+def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.device,
+             columns: tuple[str, ...] = ("x",)) -> dict:
     """Fold mAP (official metric) and top-1 accuracy on this rank's held-out shard, merged
     across ranks: each rank keeps a running top-100 per identity, never a score matrix."""
     import torch.distributed as dist
@@ -154,7 +199,10 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
     model.eval()
     with torch.inference_mode():
         for b in shard.iter_batches(batch_size=2048, batch_format="numpy"):
-            scores = torch.sigmoid(model(torch.from_numpy(b["x"]).to(device)).float()).cpu().numpy()
+            args = [torch.from_numpy(np.asarray(b[c])).to(device, COLUMN_DTYPES[c])
+                    for c in columns]
+            scale = float(getattr(unwrap_model(model), "logit_scale", 1.0))
+            scores = torch.sigmoid(scale * model(*args).float()).cpu().numpy()
             idx = np.arange(n, n + len(scores), dtype=np.int64) * world + rank  # globally unique
             topk.update(idx, scores)
             index.append(idx), labels.append(b["y"])
@@ -241,11 +289,12 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed * 1000 + plan.fold)
     model = ray.train.torch.prepare_model(
         build_model(plan.arch, in_dim=512, num_classes=plan.num_classes,
-                    **model_kwargs(cfg, plan.arch)))
+                    **model_kwargs(cfg, plan.arch, tuple(plan.dims))))
     device = ray.train.torch.get_device()
     opt = make_optimizer(cfg, model)
     state = _restore(model, opt)
-    criterion, loss_schedule = build_criterion(cfg)
+    criterion, loss_schedule = build_criterion(cfg, plan.arch)
+    columns = input_columns(plan.arch)
     lrs = lr_schedule(cfg)
     bf16 = use_bf16(cfg, device)
     progress = _Progress(f"fold {plan.fold} {plan.arch}", plan.out_dir, plan.total_steps,
@@ -259,18 +308,19 @@ def train_loop_per_worker(config: dict) -> None:
         t0, seen, loss_sum, n_batches = time.perf_counter(), 0, 0.0, 0
         for batch in train_shard.iter_torch_batches(
                 batch_size=cfg.optim.batch_size, local_shuffle_buffer_size=cfg.train.shuffle_buffer,
-                dtypes={"x": torch.float32, "y": torch.int64}, device=device):
+                dtypes={c: COLUMN_DTYPES[c] for c in (*columns, "y")}, device=device):
             lr = lrs.lr_at(min(step, plan.total_steps - 1), plan.total_steps)
             apply(opt, lr)
             criterion.set_weights(loss_schedule.at(min(step / plan.total_steps, 1.0)))
-            loss_d = train_step(model, opt, criterion, batch["x"], batch["y"], bf16)
+            loss_d = train_step(model, opt, criterion, tuple(batch[c] for c in columns),
+                                batch["y"], bf16)
             step += 1
             seen += len(batch["y"])
             loss_sum, n_batches = loss_sum + loss_d, n_batches + 1
             if progress is not None:
                 progress.update(step, f"{epoch + 1}/{plan.epochs}", loss_d, len(batch["y"]), lr)
         train_s = time.perf_counter() - t0
-        metrics = evaluate(model, val_shard, plan.num_classes, device)
+        metrics = evaluate(model, val_shard, plan.num_classes, device, columns)
         metrics.update(epoch=epoch + 1, step=step, loss=float(loss_sum) / max(n_batches, 1),
                        samples_per_s=seen / max(train_s, 1e-9), lr=lr if n_batches else 0.0,
                        fold=plan.fold, arch=plan.arch)
