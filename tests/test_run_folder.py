@@ -84,7 +84,28 @@ def test_training_writes_the_keys_runs_have_always_had(tmp_path):
                 "best_map": None}]
     path = train_write_ensemble(TrainJobConfig(), tmp_path, results, 41, tmp_path / "prototype")
     assert path == tmp_path / ENSEMBLE_FILE
-    assert json.loads(path.read_text()) == LEGACY  # prototype: weight 1.0 x 2 MLP members
+    written = json.loads(path.read_text())
+    # the legacy keys, unchanged (prototype: weight 1.0 x 2 MLP members), plus the inputs
+    # the members read (clip vectors only: what a file without the key means)
+    assert written.pop("inputs")["kinds"] == ["clip_vector"]
+    assert written == LEGACY
+    assert read_ensemble(tmp_path).input_spec().kinds == ("clip_vector",)
+
+
+def test_inputs_of_a_mixed_run_round_trip_and_bad_inputs_name_the_field(tmp_path):
+    from rayvid.train.config import TrainJobConfig
+    from rayvid.train.kfold import write_ensemble as train_write_ensemble
+
+    results = [{"best": str(tmp_path / f"folds/0/{a}/best"), "fold": 0, "arch": a,
+                "best_map": 0.5} for a in ("M5", "attention", "multimodal")]
+    train_write_ensemble(TrainJobConfig(), tmp_path, results, 41, None, (256, 128, 64))
+    spec = read_ensemble(tmp_path).input_spec()
+    assert spec.kinds == ("clip_vector", "face_set", "multimodal")
+    assert spec.dims == (256, 128, 64) and spec.mm_dim == 512 + 256 + 128 + 64
+    bad = {**LEGACY, "inputs": {"kinds": ["clip_vector", "video"]}}
+    _write(tmp_path / "bad", ENSEMBLE_FILE, bad)
+    with pytest.raises(RunFolderError, match=r"ensemble.json: inputs: .*video"):
+        read_ensemble(tmp_path / "bad")
 
 
 @pytest.mark.parametrize("text, message", [

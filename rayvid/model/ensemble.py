@@ -23,7 +23,7 @@ from torch import nn
 from rayvid.core.inputs import COLUMNS, INPUT_KINDS
 from rayvid.core.inputs import usable as _usable
 from rayvid.model.checkpoints import load_model
-from rayvid.model.run_folder import read_ensemble
+from rayvid.model.run_folder import blend, read_ensemble
 
 
 class Ensemble:
@@ -109,13 +109,25 @@ class Ensemble:
         multimodal members' share scaled up, and a clip no member can use all zeros.
         """
         weights = self.weights if weights is None else [float(w) for w in weights]
+        sums, used = self.partial_scores(x, mask, weights)
+        return blend(sums, used, float(sum(weights)))
+
+    def partial_scores(self, x: np.ndarray | Mapping[str, np.ndarray], mask: np.ndarray | None = None,
+                       weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The parts of `scores` that add up across groups of members (Serve's member
+        deployments each score a group): `(sums (n, C), used (n,))`, the weighted sum of the
+        sigmoid scores of the members that can use each clip, and those members' total
+        weight. `blend(sum of sums, sum of used, total weight)` is `scores`."""
+        weights = self.weights if weights is None else [float(w) for w in weights]
         if len(weights) != len(self.members):
             raise ValueError(f"{len(self.members)} members but {len(weights)} weights")
         inputs = self._inputs(x, mask)
         n = len(next(iter(inputs.values())))
         usable = {k: np.asarray(_usable(k, inputs), bool) for k in self.input_kinds}
-        total_w = float(sum(weights))
         out = np.empty((n, self.num_classes), dtype=np.float32)
+        used = np.zeros(n, np.float32)
+        for w, kind in zip(weights, self.kinds):
+            used += np.float32(w) * usable[kind]
         with torch.inference_mode():
             for lo in range(0, n, self.batch_size):
                 hi = min(lo + self.batch_size, n)
@@ -123,17 +135,14 @@ class Ensemble:
                         for c, v in inputs.items() if c in _ALL_COLUMNS}
                 total = torch.zeros((hi - lo, self.num_classes), dtype=torch.float32,
                                     device=self.device)
-                wsum = torch.zeros((hi - lo, 1), dtype=torch.float32, device=self.device)
                 for m, w, kind in zip(self.members, weights, self.kinds):
                     use = torch.from_numpy(usable[kind][lo:hi]).to(self.device)[:, None].float()
                     args = [cols[c].float() if cols[c].dtype == torch.float16 else cols[c]
                             for c in COLUMNS[kind]]
                     scale = float(getattr(m, "logit_scale", 1.0))
                     total += (w * use) * torch.sigmoid(scale * m(*args).float())
-                    wsum += w * use
-                total *= total_w / wsum.clamp_min(1e-12)
                 out[lo:hi] = total.cpu().numpy()
-        return out
+        return out, used
 
     def _inputs(self, x: np.ndarray | Mapping[str, np.ndarray],
                 mask: np.ndarray | None) -> dict[str, np.ndarray]:

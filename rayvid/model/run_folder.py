@@ -75,6 +75,22 @@ def weighted_mean(weighted_sums: np.ndarray | Sequence[np.ndarray],
     return total / np.float32(total_weight)
 
 
+def blend(sums: np.ndarray, used: np.ndarray, total_weight: float) -> np.ndarray:
+    """Members' partial results -> the ensemble's weighted sum, `(n, C) float32`.
+
+    sums: `(n, C)` weighted sum of the sigmoid scores of the members that could use each
+    clip (`Ensemble.partial_scores`, added over groups of members); used: `(n,)` those
+    members' total weight per clip. Each clip is rescaled to `total_weight` (a clip every
+    member can use is unchanged: the 4th place's sum); a clip no member could use is all
+    zeros. `weighted_mean(blend(...), weights)` is then the weighted mean of the members
+    that could use the clip.
+    """
+    used = np.asarray(used, np.float32)
+    scale = np.where(used > 0, np.float32(total_weight) / np.maximum(used, np.float32(1e-12)),
+                     np.float32(0))
+    return np.asarray(sums, np.float32) * scale[:, None].astype(np.float32)
+
+
 def _total_weight(weights: Sequence[float]) -> float:
     weights = [float(w) for w in weights]
     if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
