@@ -239,3 +239,34 @@ def test_job_takes_config_file_flags_and_set_in_that_order(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "prepare: config error: unknown config key: workerz (known at that level: bucket_mib, "
         "force, on_bad_clip, out, release, workers)"]
+
+
+@pytest.mark.parametrize("items, match", [
+    (["loss.stages=arcface"], r"stages use \['arcface'\]: a margin loss needs a cosine head"),
+    (["loss.stages=[{start: 0.0, weights: {focal: 1.0, cosface: 0.5}}]"], "cosine head"),
+    (["loss.cosine_stages=fourth_place"], r"cosine_stages use \['ce', 'focal'\].*margin losses only"),
+    (["loss.cosine_stages=[{start: 0.0, weights: {uir: 1.0}}]"], "margin losses only"),
+    (["inputs.modalities=[face,smell]"], "inputs.modalities"),
+    (["inputs.modalities=[]"], "at least one"),
+    (["inputs.modality_dropout=1.0"], "modality_dropout"),
+])
+def test_a_loss_that_does_not_suit_its_head_is_refused_when_the_config_loads(items, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainJobConfig, None, items)
+
+
+def test_each_head_gets_its_own_loss_mix():
+    from rayvid.train.worker import build_criterion, model_kwargs
+
+    cfg = load_config(TrainJobConfig, None, ["model.archs=[M5,attention,multimodal,cosine_mlp]",
+                                             "loss.cosine_stages=cosface", "loss.margin=0.2",
+                                             "loss.margin_scale=16"])
+    mlp, _ = build_criterion(cfg, "M5")
+    assert sorted(mlp.losses) == ["ce", "focal"]
+    assert sorted(build_criterion(cfg, "multimodal")[0].losses) == ["ce", "focal"]
+    for arch in ("attention", "cosine_mlp"):
+        loss, _ = build_criterion(cfg, arch)
+        assert list(loss.losses) == ["cosface"]
+        assert (loss.losses["cosface"].s, loss.losses["cosface"].m3) == (16.0, 0.2)
+        assert model_kwargs(cfg, arch)["scale"] == 16.0  # the head scores with the loss's s
+    assert model_kwargs(cfg, "multimodal", (64, 32, 16))["head_dim"] == 64
