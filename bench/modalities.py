@@ -44,7 +44,7 @@ ROWS = {
     "mm_body": ("  multimodal, body only", ["multimodal"], ["inputs.modalities=[body]"]),
     "mm_audio": ("  multimodal, audio only", ["multimodal"], ["inputs.modalities=[audio]"]),
 }
-FIVE = ("M5", "multimodal", "attention")
+FIVE = ("multimodal", "M5", "attention")
 # name -> the runs whose trained members it blends (+ the prototype head or not)
 MIXES = {
     "M5+multimodal": (("M5", "multimodal"), False),

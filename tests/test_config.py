@@ -19,7 +19,7 @@ from rayvid.model.losses import FOURTH_PLACE_STAGES
 from rayvid.model.schedules import FOURTH_PLACE_LR
 from rayvid.release.config import PrepareJobConfig, SimulateJobConfig
 from rayvid.release.simulator import SimParams
-from rayvid.train.config import LOSS_PRESETS, TrainJobConfig
+from rayvid.train.config import COSINE_PRESETS, LOSS_PRESETS, SIGMOID_PRESETS, TrainJobConfig
 from rayvid.tune.config import (DEFAULT_SPACE, TuneJobConfig, fourth_place_config, load_tune_config,
                                 smoke_tune_overrides)
 
@@ -199,7 +199,8 @@ def test_the_fourth_place_constants_have_one_home():
     ref = fourth_place_config()
     assert (ref.optim.lr, ref.optim.warmup, ref.optim.warmup_lr) == (
         FOURTH_PLACE_LR.base_lr, FOURTH_PLACE_LR.warmup, FOURTH_PLACE_LR.warmup_lr)
-    assert DEFAULT_SPACE["loss.stages"] == {"choice": list(LOSS_PRESETS)}
+    assert DEFAULT_SPACE["loss.stages"] == {"choice": list(SIGMOID_PRESETS)}
+    assert set(SIGMOID_PRESETS) | set(COSINE_PRESETS) == set(LOSS_PRESETS)
 
 
 def test_loss_stages_as_preset_list_or_json_text_are_the_same():

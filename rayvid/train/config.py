@@ -154,6 +154,9 @@ LOSS_PRESETS: dict[str, tuple[LossStage, ...]] = {
 }
 FOURTH_PLACE_STAGES = LOSS_PRESETS["fourth_place"]
 MARGIN_LOSSES = ("arcface", "cosface", "margin")
+# The presets each stage list may take (a sweep's choices): sigmoid heads / cosine heads.
+SIGMOID_PRESETS = ("fourth_place", "ce", "start_combine")
+COSINE_PRESETS = ("arcface", "cosface")
 COSINE = ("cosine_mlp", "attention")  # rayvid.model.architectures.COSINE_HEADS (no torch here)
 
 

@@ -11,7 +11,7 @@ Keys are checked against `TrainJobConfig` up front (an unknown key is a `ConfigE
 naming it); values are checked in the trial, so a bad value or combination fails that
 trial only. List- and mapping-valued choices (bands, qFDA mix, loss stages) travel through
 Tune as compact JSON strings: every searcher handles them, and the results table stays
-flat and readable. Loss stages are searched by preset name (`rayvid.train.config.LOSS_PRESETS`). `load_tune_config` is `load_config` with one difference: a YAML
+flat and readable. Loss stages are searched by preset name (`rayvid.train.config.LOSS_PRESETS`; `SIGMOID_PRESETS` for `loss.stages`, `COSINE_PRESETS` for `loss.cosine_stages`). `load_tune_config` is `load_config` with one difference: a YAML
 `space` replaces the default space, and `--set space.<key>=<dist>` replaces one key's
 distribution (`null` drops it), where a deep merge would mix two distributions.
 """
@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from rayvid.config import (Config, ConfigError, _is_model, _merge, _strip_optional, parse_overrides,
                            parse_value, read_yaml, smoke_overrides, to_dict, validate, with_values)
 from rayvid.core import fourth_place as fp
-from rayvid.train.config import LOSS_PRESETS, TrainJobConfig
+from rayvid.train.config import SIGMOID_PRESETS, TrainJobConfig
 
 KINDS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid", "value")
 NUMERIC = ("uniform", "loguniform", "quniform", "randint")
@@ -45,7 +45,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "fusion.power": {"uniform": [0.5, 3.0]},
     "qfda.mix": {"choice": [list(fp.QFDA_MIX), [0.1, 0.6, 0.3], [0.4, 0.5, 0.1]]},
     "qfda.n_draws": {"choice": [fp.QFDA_N_DRAWS, 7]},
-    "loss.stages": {"choice": list(LOSS_PRESETS)},  # fourth_place, ce, start_combine
+    "loss.stages": {"choice": list(SIGMOID_PRESETS)},  # fourth_place, ce, start_combine
     "optim.lr": {"loguniform": [5e-5, 3e-3]},
     "model.dropout": {"uniform": [0.1, 0.6]},
     "model.head_bias": {"choice": ["zero", "prior"]},
