@@ -152,3 +152,78 @@ def trained_run(sim_dataset, tmp_path_factory):
     run_folder.write_ensemble(run, run_folder.EnsembleSpec(tuple(members), weighting, num_classes))
     return run
 
+
+
+# The mixed run: an M5 and a multimodal member, unequal weights, the same qFF weighting.
+MIXED_WEIGHTS = (1.0, 0.7)
+MIXED_KINDS = ("clip_vector", "multimodal")
+
+
+def _train_multimodal(mm, mask, y, num_classes: int, dims, seed: int, steps: int = 200):
+    """A small multimodal model (d_model 64) fitted full-batch, as `_train_member`."""
+    import torch
+
+    from rayvid.model.architectures import build_model
+    from rayvid.model.losses import MixedLoss
+
+    torch.manual_seed(seed)
+    model = build_model("multimodal", in_dim=512, num_classes=num_classes, head_dim=dims[0],
+                        body_dim=dims[1], audio_dim=dims[2], d_model=64, dropout=0.2,
+                        head_bias="prior")
+    criterion = MixedLoss({"ce": 0.25, "focal": 0.75})
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, mt = torch.from_numpy(mm), torch.from_numpy(mask)
+    yt = torch.from_numpy(y.astype("int64"))
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        criterion(model(xt, mt), yt).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_mixed_run(sim_dataset, tmp_path_factory):
+    """A run folder with a clip-vector and a multimodal member (`M5/best`,
+    `multimodal/best`, MIXED_WEIGHTS), trained in-process (no Ray, ~15 s) on `sim_dataset`'s
+    train split with inputs from `rayvid.core.inputs.build` (the multimodal one with
+    modality dropout 0.5, 4 draws per clip, so it learns to answer without a face), and
+    `ensemble.json` recording the run's `InputSpec` under "inputs". Read-only, as
+    `trained_run`."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from rayvid.core import fusion, inputs
+    from rayvid.data.pipeline import ClipTransform, split_paths
+    from rayvid.model import run_folder
+    from rayvid.model.checkpoints import save_checkpoint
+    from rayvid.release.schema import read_meta
+
+    meta = read_meta(sim_dataset)
+    num_classes = meta["num_classes"]
+    dims = tuple(int(meta["dims"][m]) for m in ("head", "body", "audio"))
+    weighting = fusion.Weighting.from_dict(TRAINED_WEIGHTING)
+    spec = inputs.InputSpec(MIXED_KINDS, weighting, dims=dims)
+    table = pq.read_table(split_paths(sim_dataset, ["train"]))
+    parts = ClipTransform(kinds=MIXED_KINDS, weighting=weighting, dims=dims).parts(table)
+    label = table["label"].to_numpy()
+    built = inputs.build(parts, spec)
+    m5 = _train_member(built["x"][built["ok"]], label[built["ok"]], num_classes, seed=0)
+    train_spec = inputs.InputSpec(MIXED_KINDS, weighting, modality_dropout=0.5, dims=dims)
+    rng = np.random.default_rng(0)
+    draws = [inputs.build(parts, train_spec, rng) for _ in range(4)]
+    mm = np.concatenate([d["mm"] for d in draws])
+    mask = np.concatenate([d["mm_mask"] for d in draws])
+    y = np.tile(label, len(draws))
+    keep = mask.any(axis=1)
+    mm_model = _train_multimodal(mm[keep], mask[keep], y[keep], num_classes, dims, seed=1)
+    run = tmp_path_factory.mktemp("trained-mixed") / "run"
+    members = []
+    for arch, model, weight in (("M5", m5, MIXED_WEIGHTS[0]),
+                                ("multimodal", mm_model, MIXED_WEIGHTS[1])):
+        path = f"{arch}/best"
+        save_checkpoint(run / path, model, extra={"weighting": TRAINED_WEIGHTING})
+        members.append(run_folder.Member(path, weight, arch=arch))
+    run_folder.write_ensemble(run, run_folder.EnsembleSpec(
+        tuple(members), weighting, num_classes, {"inputs": spec.to_json()}))
+    return run

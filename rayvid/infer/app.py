@@ -7,15 +7,20 @@ Deployments, composed through handles (design.md; Ray's model-composition patter
 
 - `member-<g>` (`EnsembleMember`), each holding a group of the checkpoints of
   `RUN/ensemble.json` (all of them by default: `members_per_deployment=0`; 1 = one
-  deployment per checkpoint): fused clip vectors (n, 512) float32 + the group's weights ->
-  the weighted sum of its members' sigmoid scores (n, C), `@serve.batch`ed across requests.
+  deployment per checkpoint), of any input kind (clip vector, face set, multimodal):
+  the inputs of its members' kinds + the group's weights -> `Ensemble.partial_scores`
+  (the weighted sum (n, C) of the sigmoid scores of the members that can use each clip,
+  and their weight (n,)), `@serve.batch`ed across requests.
 - `IdentifyIngress`: FastAPI + pydantic (`rayvid.infer.api`). It flattens the request's
-  faces, fuses them with `rayvid.core.fusion.qff` and the run's weighting (the one fusion
-  implementation training and batch prediction use), `@serve.batch`es concurrent
-  requests into one call per member deployment, turns the groups' weighted sums into the
-  weighted mean of sigmoids in [0, 1] (`rayvid.model.run_folder.weighted_mean`), and answers the
-  top-k identities, or "unknown" when the best score is below the threshold or no face
-  is usable (qFF ok=False).
+  faces, heads, bodies and audio (`api.clip_parts`), `@serve.batch`es concurrent requests,
+  builds the model inputs of the batch once with `rayvid.core.inputs.build` and the run's
+  `InputSpec` (the one builder training and batch prediction use), makes one call per
+  member deployment, adds the groups' parts and blends them (`run_folder.blend`: each clip
+  rescaled over the members that could use it) into the weighted mean of sigmoids in
+  [0, 1] (`run_folder.weighted_mean`), and answers the top-k identities, or "unknown" when
+  the best score is below the threshold or no member with a non-zero weight can use the
+  clip (`usable_clips`: a clip-vector member needs a face with a positive qFF weight, a
+  face-set member a face, a multimodal member any modality).
 
 `user_config` of the ingress (`ServingConfig`: unknown_threshold, weights, top_k, index)
 and of a member (`MemberConfig`: its batch size and wait) is applied in `reconfigure`.
@@ -25,7 +30,8 @@ serve.yaml through `serve deploy`, `serve run` or `deploy_config`) and only a
 which replaces the replicas. Defaults: threshold from `RUN/serving.json` (`rayvid.infer.person_index.
 calibrate`, else 0.5), weights from `ensemble.json`. `/search` reloads the index when its
 manifest changes (`rayvid.infer.person_index.update_index`). Request features are cast to float16, the
-precision of the prepared dataset, so a served clip scores exactly as in batch prediction.
+precision of the prepared dataset, so a served clip scores exactly as in batch prediction
+(`Ensemble.scores` of the same `inputs.build`).
 Endpoints: POST /identify, POST /identify/batch, GET /search?id=N&k=100, GET /healthz,
 GET /docs and /openapi.json.
 """
@@ -48,13 +54,14 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from rayvid.core import fusion
+from rayvid.core import inputs
+from rayvid.core.inputs import ClipParts
 from rayvid.infer import person_index as index, predict
 from rayvid.model import run_folder
 from rayvid.infer.api import (
-    MAX_BODY_BYTES, MAX_SEARCH_K, AppArgs, BatchRequest, BatchResponse, Clip, Health,
-    IdentifyRequest, IdentifyResponse, MemberConfig, SearchResponse, ServingConfig, answers,
-    clip_arrays,
+    MAX_BODY_BYTES, MAX_SEARCH_K, AppArgs, BatchRequest, BatchResponse, Clip, FieldError,
+    Health, IdentifyRequest, IdentifyResponse, MemberConfig, SearchResponse, ServingConfig,
+    answers, clip_parts, concat_parts,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,18 @@ def member_groups(n_members: int, per_deployment: int) -> list[list[int]]:
     return [list(range(lo, min(lo + size, n_members))) for lo in range(0, n_members, size)]
 
 
+def usable_clips(built: dict[str, np.ndarray], kinds: Sequence[str],
+                 weights: Sequence[float]) -> np.ndarray:
+    """(n,) bool: the clips some member with a non-zero weight can use (`inputs.usable` of
+    its kind; a clip-vector member also needs qFF's ok, a face with a positive weight, as
+    served M1-M5 ensembles always required). built: `inputs.build`'s output."""
+    ok = np.zeros(len(built["ok"]), bool)
+    for kind in dict.fromkeys(k for k, w in zip(kinds, weights) if w > 0):
+        use = inputs.usable(kind, built)
+        ok |= use & built["ok"] if kind == "clip_vector" else use
+    return ok
+
+
 # ------------------------------------------------------------------ deployments
 
 
@@ -79,16 +98,15 @@ def member_groups(n_members: int, per_deployment: int) -> list[list[int]]:
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2,
                                       "target_ongoing_requests": 8})
 class EnsembleMember:
-    """A group of checkpoint directories: (n, 512) float32 fused clips and one weight per
-    checkpoint -> (n, C) weighted sum of their sigmoid scores (`Ensemble.scores`)."""
+    """A group of checkpoint directories of any input kinds: the inputs of their kinds
+    (`inputs.build`'s columns) and one weight per checkpoint -> `Ensemble.partial_scores`:
+    (sums (n, C), used (n,)), the weighted sum of the sigmoid scores of the members that
+    can use each clip and their total weight, to be added over groups and blended."""
 
     def __init__(self, checkpoints: list[str]) -> None:
         from rayvid.model.ensemble import Ensemble  # torch is imported in the replica only
 
         self.model = Ensemble.from_dirs(checkpoints)  # sum of w * sigmoid(scale * logits)
-        if self.model.input_kind != "clip_vector":
-            raise ValueError(f"{checkpoints}: serving takes clip-vector models (M1-M5), "
-                             f"not {self.model.input_kind!r}")
         self.checkpoints = checkpoints
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -97,13 +115,17 @@ class EnsembleMember:
         self.score.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def score(self, xs: list[np.ndarray], weights: list[tuple[float, ...]]) -> list[np.ndarray]:
-        out: list[np.ndarray | None] = [None] * len(xs)
+    async def score(self, xs: list[dict[str, np.ndarray]], weights: list[tuple[float, ...]]
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(xs)
         for w in dict.fromkeys(weights):  # one forward pass per weight vector (normally one)
             idx = [i for i, wi in enumerate(weights) if wi == w]
-            scores = self.model.scores(np.concatenate([xs[i] for i in idx]), weights=w)
-            for i, part in zip(idx, np.split(scores, np.cumsum([len(xs[i]) for i in idx])[:-1])):
-                out[i] = part
+            sizes = [len(next(iter(xs[i].values()))) for i in idx]
+            batch = {c: np.concatenate([xs[i][c] for i in idx]) for c in xs[idx[0]]}
+            sums, used = self.model.partial_scores(batch, weights=w)
+            cut = np.cumsum(sizes)[:-1]
+            for i, s, u in zip(idx, np.split(sums, cut), np.split(used, cut)):
+                out[i] = (s, u)
         return out
 
 
@@ -170,9 +192,18 @@ class IdentifyIngress:
 
     def __init__(self, run_dir: str, members: list[DeploymentHandle],
                  groups: list[list[int]], index_dir: str | None = None) -> None:
+        from rayvid.model.architectures import input_kind_of  # torch: in the replica only
+        from rayvid.model.checkpoints import read_model_config
+
         self.spec = predict.read_run(run_dir)
+        self.inputs = self.spec.ensemble.input_spec()  # how training built the inputs
+        self.kinds = [input_kind_of(read_model_config(d)["arch"])
+                      for d in self.spec.ensemble.member_dirs(run_dir)]
         self.members, self.groups = members, groups  # handle g scores checkpoints groups[g]
         self.n_members = sum(len(g) for g in groups)
+        # the input columns each member deployment needs (its members' kinds)
+        self.columns = [sorted({c for i in idx for c in inputs.COLUMNS[self.kinds[i]]})
+                        for idx in groups]
         serving = run_folder.read_serving(run_dir)
         self.defaults = {"unknown_threshold": serving.unknown_threshold if serving else DEFAULT_THRESHOLD,
                          "weights": self.spec.ensemble.weights, "top_k": DEFAULT_TOP_K,
@@ -215,21 +246,25 @@ class IdentifyIngress:
                 log.warning("index %s not (re)loaded: %s", self.index_dir, e)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _scores(self, items: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Requests' flat faces -> per request (scores (n, C) float32, ok (n,) bool): one
-        qFF over all their faces and one call per member for all their clips."""
-        feat, det, quality, counts = (np.concatenate(parts) for parts in zip(*items))
-        x, ok = fusion.qff(feat, det, quality, fusion.offsets_from_counts(counts),
-                           self.spec.weighting)
+    async def _scores(self, items: list[ClipParts]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Requests' flat detections -> per request (scores (n, C) float32, ok (n,) bool):
+        one `inputs.build` over all their clips and one call per member deployment."""
+        built = inputs.build(concat_parts(items), self.inputs)
         weights = self.weights
+        ok = usable_clips(built, self.kinds, weights)
         used = [g for g, idx in enumerate(self.groups) if any(weights[i] > 0 for i in idx)]
         parts = await asyncio.gather(*(
-            self._member(g, x, tuple(weights[i] for i in self.groups[g])) for g in used))
-        scores = run_folder.weighted_mean(parts, weights)
-        cut = np.cumsum([len(it[3]) for it in items])[:-1]
+            self._member(g, {c: built[c] for c in self.columns[g]},
+                         tuple(weights[i] for i in self.groups[g])) for g in used))
+        sums = np.sum([s for s, _ in parts], axis=0, dtype=np.float32)
+        weight_used = np.sum([u for _, u in parts], axis=0, dtype=np.float32)
+        scores = run_folder.weighted_mean(
+            run_folder.blend(sums, weight_used, sum(weights)), weights)
+        cut = np.cumsum([p.n for p in items])[:-1]
         return list(zip(np.split(scores, cut), np.split(ok, cut)))
 
-    async def _member(self, g: int, x: np.ndarray, weights: tuple[float, ...]) -> np.ndarray:
+    async def _member(self, g: int, x: dict[str, np.ndarray],
+                      weights: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         for attempt in range(_RETRIES):
@@ -241,17 +276,21 @@ class IdentifyIngress:
                 log.warning("member-%d replica failed (%s); retrying", g, type(e).__name__)
                 await asyncio.sleep(0.05 * (attempt + 1))
 
-    async def _identify(self, clips: Sequence[Clip], top_k: int | None) -> list[dict[str, Any]]:
-        feat, det, quality, counts = clip_arrays(clips)
-        scores, ok = await self._scores((feat, det, quality, counts))
-        return answers(scores, ok, top_k or self.top_k, self.threshold, counts,
-                       [c.clip for c in clips])
+    async def _identify(self, clips: Sequence[Clip], top_k: int | None,
+                        single: bool = False) -> list[dict[str, Any]]:
+        try:  # lengths against the run's dims: this request's 422, before batching
+            parts = clip_parts(clips, self.inputs.dims, single=single)
+        except FieldError as e:
+            raise RequestValidationError([{"loc": e.loc, "msg": e.msg, "type": "value_error"}]) from None
+        scores, ok = await self._scores(parts)
+        return answers(scores, ok, top_k or self.top_k, self.threshold,
+                       np.diff(parts.faces.offsets), [c.clip for c in clips])
 
     @api.post("/identify", response_model=IdentifyResponse, openapi_extra=_body(IdentifyRequest))
     async def identify(self, request: Request) -> Response:
-        """One clip's faces -> its top-k identities, or unknown."""
+        """One clip's faces (and heads, bodies, audio) -> its top-k identities, or unknown."""
         clip = await _parse(request, IdentifyRequest)
-        return _json((await self._identify([clip], clip.top_k))[0])
+        return _json((await self._identify([clip], clip.top_k, single=True))[0])
 
     @api.post("/identify/batch", response_model=BatchResponse, openapi_extra=_body(BatchRequest))
     async def identify_batch(self, request: Request) -> Response:
@@ -275,6 +314,7 @@ class IdentifyIngress:
     async def healthz(self) -> dict[str, Any]:
         """Liveness and the settings in force."""
         return {"status": "ok", "members": self.n_members, "member_deployments": len(self.groups),
+                "input_kinds": list(dict.fromkeys(self.kinds)),
                 "num_classes": self.spec.num_classes,
                 "unknown_threshold": self.threshold, "threshold_source": self.threshold_source,
                 "weights": self.weights, "top_k": self.top_k, "index": self.index_dir,
