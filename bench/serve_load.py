@@ -69,15 +69,18 @@ def in_process(run: Path, clips: list[dict], batch: int, seconds: float,
                batch_bodies: list[bytes]) -> dict:
     """The limit, in this process with one torch thread (as in a replica): qFF +
     `Ensemble.scores` of one clip (latency) and of `batch` clips (clips/s); and the whole
-    work of one /identify/batch body without Serve: pydantic parse, `clip_arrays`, qFF,
-    scores, answers (clips/s incl. JSON decode)."""
+    work of one /identify/batch body without Serve: pydantic parse, `clip_parts`,
+    `inputs.build` (qFF and any other kind the run's members take), scores, answers (clips/s
+    incl. JSON decode)."""
     import torch
 
     from rayvid.model.ensemble import Ensemble
-    from rayvid.infer.api import BatchRequest, answers, clip_arrays
+    from rayvid.core import inputs
+    from rayvid.infer.api import BatchRequest, answers, clip_parts
 
     torch.set_num_threads(1)  # as in a replica (Ray sets OMP_NUM_THREADS=1): one core
     ens, weighting = Ensemble.from_run(run), predict.read_run(run).weighting
+    spec = predict.read_run(run).ensemble.input_spec()
 
     def score(feat, det, quality, counts) -> np.ndarray:
         x, ok = fusion.qff(feat, det, quality, fusion.offsets_from_counts(counts), weighting)
@@ -102,9 +105,10 @@ def in_process(run: Path, clips: list[dict], batch: int, seconds: float,
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds and batch_bodies:
         req = BatchRequest.model_validate_json(batch_bodies[n % len(batch_bodies)])
-        feat, det, quality, counts = clip_arrays(req.clips)
-        scores, ok = score(feat, det, quality, counts)
-        json.dumps(answers(scores, ok, 5, 0.5, counts, [None] * len(counts)))
+        parts = clip_parts(req.clips, spec.dims)
+        built = inputs.build(parts, spec)
+        counts = np.diff(parts.faces.offsets)
+        json.dumps(answers(ens.scores(built), built["ok"], 5, 0.5, counts, [None] * len(counts)))
         n += 1
     with_json = n * batch / max(time.perf_counter() - t0, 1e-9)
     return {"single_clips_per_s": round(len(lat) / sum(lat), 1), **_percentiles(lat),
