@@ -200,3 +200,14 @@ def test_the_ray_data_transform_builds_the_same_inputs_from_parquet_rows(sim_dat
     for k in ("x", "ok", "faces", "face_mask", "mm", "mm_mask"):
         np.testing.assert_array_equal(out[k], want[k], err_msg=k)
     assert out["mm_mask"][:, 1:].any()  # the simulated release has heads, bodies, audio
+
+
+def test_answerable_needs_a_positive_qff_weight_for_clip_vectors_any_modality_for_multimodal() -> None:
+    parts = _parts(np.random.default_rng(8))
+    # clip 3's one face gets quality 0: qFF's weight is 0 (plain-mean fallback, ok False)
+    parts.faces.quality[parts.faces.offsets[3]:parts.faces.offsets[4]] = 0.0
+    out = inputs.build(parts, SPEC)
+    assert out["ok"].tolist() == [True, False, True, False]
+    assert inputs.answerable(["clip_vector"], out).tolist() == [True, False, True, False]
+    assert inputs.answerable(["clip_vector", "multimodal"], out).tolist() == [True] * 4
+    assert inputs.answerable(["face_set"], out).tolist() == [True, False, True, True]

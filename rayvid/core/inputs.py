@@ -301,6 +301,18 @@ def usable(kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
     raise ValueError(f"unknown input kind {kind!r}; known: {INPUT_KINDS}")
 
 
+def answerable(kinds, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """(n,) bool: the clips an ensemble of members of `kinds` answers for (predict's and the
+    endpoint's `ok`/`usable`): a multimodal or face-set member that can use the clip, or a
+    clip-vector member and qFF's `ok` (a face with a positive fusion weight, the rule served
+    M1-M5 ensembles always had). Other clips are reported unknown."""
+    ok = np.zeros(len(inputs["ok"]), bool)
+    for kind in dict.fromkeys(kinds):
+        use = usable(kind, inputs)
+        ok |= (use & np.asarray(inputs["ok"], bool)) if kind == "clip_vector" else use
+    return ok
+
+
 def trainable(kind: str, parts: ClipParts, spec: InputSpec) -> np.ndarray:
     """(n,) bool: the (gated) clips a training run of `kind` keeps: face models need a face,
     a multimodal model any of its modalities."""

@@ -81,14 +81,9 @@ def member_groups(n_members: int, per_deployment: int) -> list[list[int]]:
 
 def usable_clips(built: dict[str, np.ndarray], kinds: Sequence[str],
                  weights: Sequence[float]) -> np.ndarray:
-    """(n,) bool: the clips some member with a non-zero weight can use (`inputs.usable` of
-    its kind; a clip-vector member also needs qFF's ok, a face with a positive weight, as
-    served M1-M5 ensembles always required). built: `inputs.build`'s output."""
-    ok = np.zeros(len(built["ok"]), bool)
-    for kind in dict.fromkeys(k for k, w in zip(kinds, weights) if w > 0):
-        use = inputs.usable(kind, built)
-        ok |= use & built["ok"] if kind == "clip_vector" else use
-    return ok
+    """(n,) bool: the clips some member with a non-zero weight answers for
+    (`rayvid.core.inputs.answerable`). built: `inputs.build`'s output."""
+    return inputs.answerable([k for k, w in zip(kinds, weights) if w > 0], built)
 
 
 # ------------------------------------------------------------------ deployments

@@ -228,14 +228,11 @@ class EnsembleScorer:
         self.top_k_clip, self.top_k_identity = top_k_clip, top_k_identity
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from rayvid.core.inputs import usable
+        from rayvid.core.inputs import answerable
 
         scores = self.ensemble.scores(batch)
-        # ok: some member can score the clip (a face for the face models; any modality
-        # for a multimodal one), else its scores are all zero
-        ok = np.zeros(len(batch["clip"]), bool)
-        for kind in self.ensemble.input_kinds:
-            ok |= usable(kind, batch)
+        # ok: some member answers for the clip (the endpoint's `usable`, same rule)
+        ok = answerable(self.ensemble.input_kinds, batch)
         return score_table(batch["clip"], ok, scores, self.top_k_clip, self.top_k_identity)
 
 
