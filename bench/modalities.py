@@ -13,7 +13,7 @@ script then scores, by prediction only (no training):
 - training samples/s of each kind (last epoch, Ray Data -> Ray Train), vs M5's.
 
     python bench/modalities.py --work /work/data/mm1000                # 1,000 ids, fold 0
-    python bench/modalities.py --work /work/data/mm1000 --five-fold    # + folds 1-4 of 3 kinds
+    python bench/modalities.py --work /work/data/mm1000 --five-fold multimodal,M5
 
 Writes WORK/modalities.json, WORK/modalities.md (the tables) and WORK/modalities.png.
 """
@@ -210,7 +210,8 @@ def main() -> int:
     p.add_argument("--dataset", help="its prepared dataset")
     p.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
     p.add_argument("--mixes", default=",".join(MIXES), help=f"subset of {','.join(MIXES)}")
-    p.add_argument("--five-fold", action="store_true", help=f"also 5 folds of {FIVE}")
+    p.add_argument("--five-fold", default="", help=f"also 5 folds of these rows (e.g. "
+                   f"{','.join(FIVE)}), after the single-fold rows and the mixes")
     p.add_argument("--set", action="append", default=[], help="extra override for every row")
     p.add_argument("--num-cpus", type=int, default=None)
     args = p.parse_args()
@@ -224,11 +225,9 @@ def main() -> int:
     import ray
 
     ray.init(num_cpus=args.num_cpus, logging_level="WARNING")
-    plan = [(n, [0]) for n in args.rows.split(",") if n]
-    if args.five_fold:
-        plan += [(n, [0, 1, 2, 3, 4]) for n in FIVE]
-    rows = []
-    for name, folds in plan:
+    rows, mixes = [], []
+
+    def train(name: str, folds: list[int]) -> None:
         t0 = time.perf_counter()
         rows.append(train_row(name, folds, args, work))
         r = rows[-1]
@@ -236,7 +235,10 @@ def main() -> int:
               f"{r['blend_map']:.4f}  baseline {r['baseline_map']:.4f}  faceless "
               f"{r['faceless_alone_map']:.4f}  {r['samples_per_s']:.0f} samples/s  "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    mixes = []
+        write(work, rows, mixes)
+
+    for name in [n for n in args.rows.split(",") if n]:
+        train(name, [0])
     for name in [m for m in args.mixes.split(",") if m]:
         runs, proto = MIXES[name]
         dirs = [work / "runs" / r for r in runs]
@@ -247,7 +249,16 @@ def main() -> int:
                       "faceless_map": members_map(out, dirs, proto, args, work, faceless=True)})
         print(f"[modalities] mix {name}: {mixes[-1]['map']:.4f} (faceless "
               f"{mixes[-1]['faceless_map']:.4f})", flush=True)
+        write(work, rows, mixes)
+    for name in [n for n in args.five_fold.split(",") if n]:
+        train(name, [0, 1, 2, 3, 4])
     ray.shutdown()
+    print("\n" + tables(rows, mixes) + f"\n\n{work / 'modalities.md'}, {work / 'modalities.png'}")
+    return 0
+
+
+def write(work: Path, rows: list[dict], mixes: list[dict]) -> None:
+    """The tables and the plot as they stand (after every row: a stopped run keeps them)."""
     md = tables(rows, mixes)
     for name, text in (("modalities.json", json.dumps({"rows": rows, "mixes": mixes}, indent=2)),
                        ("modalities.md", md)):
@@ -255,8 +266,6 @@ def main() -> int:
         tmp.write_text(text)
         tmp.replace(work / name)
     plot(rows, mixes, work / "modalities.png")
-    print("\n" + md + f"\n\n{work / 'modalities.md'}, {work / 'modalities.png'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -64,6 +64,40 @@ def example_clip(run: Path) -> dict:
     return {"faces": [{"det_score": 0.99, "quality_score": 45.2, "feature": [0.01] * 512}]}
 
 
+def example_faceless_clip(run: Path) -> dict | None:
+    """An /identify body without faces: the first labelled val (else test) clip of the run's
+    dataset that has no face but heads, with its heads, bodies and audio. None when the
+    run has no multimodal member (nothing could answer it) or no such clip exists."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from rayvid.release import schema
+
+    spec = predict.read_run(run).ensemble.input_spec()
+    if "multimodal" not in spec.kinds:
+        return None
+    hd, bd, ad = spec.dims
+    for split in ("val", "test"):
+        for part in sorted((run / "dataset" / split).glob("*.parquet")):
+            table = pq.read_table(part)
+            keep = (table["n_faces"].to_numpy() == 0) & (table["n_heads"].to_numpy() > 0)
+            if "label" in table.column_names:
+                keep &= table["label"].fill_null(-1).to_numpy() > 0
+            if not keep.any():
+                continue
+            clip = table.filter(keep).slice(0, 1)
+            heads, bodies = schema.head_arrays(clip, hd), schema.body_arrays(clip, bd)
+            audio, present = schema.audio_arrays(clip, ad)
+            body = {"clip": clip["clip"][0].as_py(),
+                    "heads": [{"det_score": float(d), "feature": f.astype(float).tolist()}
+                              for f, d in zip(heads.feat, heads.det)],
+                    "bodies": [{"feature": f.astype(float).tolist()} for f in bodies.feat]}
+            if present[0]:
+                body["audio"] = {"feature": np.asarray(audio[0], float).tolist()}
+            return body
+    return None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     S = argparse.SUPPRESS  # flags left out keep the config's value
@@ -121,8 +155,15 @@ def main() -> int:
         auth = "" if os.environ.get("RAY_AUTH_MODE") == "disabled" else "RAY_AUTH_MODE=token "
         body = run / "example_clip.json"
         write_text(body, json.dumps(example_clip(run)))
+        faceless = example_faceless_clip(run)
+        more = ""
+        if faceless is not None:  # a clip only the multimodal members can answer
+            write_text(run / "example_faceless_clip.json", json.dumps(faceless))
+            more = (f"  curl -s -X POST {url}/identify -H 'content-type: application/json' "
+                    f"-d @{run / 'example_faceless_clip.json'}   # no face: head, body, audio\n")
         print(f"serving {run} at {url}  (API docs: {url}/docs)\n"
               f"  curl -s -X POST {url}/identify -H 'content-type: application/json' -d @{body}\n"
+              f"{more}"
               f"  curl -s '{url}/search?id=1&k=10'\n"
               f"change user_config in {resolved}, then: {auth}"
               f"serve deploy {resolved} -a http://{ctx.dashboard_url}", flush=True)
