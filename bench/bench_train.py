@@ -11,6 +11,7 @@ Prints the ratio rayvid/bare loop (issue 3's GPU target: >= 0.5). `--use-gpu` ne
 (it stops with an error without it: a CPU number is never reported as a GPU one).
 
     python bench/bench_train.py --ids 300                        # CPU, 1 worker
+    python bench/bench_train.py --ids 300 --arch M5,multimodal,attention   # each kind vs M5
     python bench/bench_train.py --dataset DS --use-gpu --steps 3000   # a GPU host
     bench/gpu_check.sh                                           # the GPU check (see bench/README.md)
 """
@@ -36,15 +37,26 @@ from rayvid.train.worker import (build_criterion, make_optimizer, model_kwargs, 
                                  train_step, use_bf16)
 
 
-def ceiling(cfg: TrainJobConfig, num_classes: int, steps: int, device: torch.device) -> float:
+def ceiling(cfg: TrainJobConfig, num_classes: int, steps: int, device: torch.device,
+            arch: str = "M5", dims: tuple[int, int, int] = (512, 512, 512)) -> float:
     """Samples/s of the worker's own step (forward + loss + backward + Adam) on a resident
-    batch: no data path. Best of 3 repeats of `steps // 3` steps, after a warm-up."""
-    model = build_model("M5", num_classes=num_classes, **model_kwargs(cfg, "M5")).to(device)
+    batch of `arch`'s input kind: no data path. Best of 3 repeats of `steps // 3` steps,
+    after a warm-up."""
+    from rayvid.model.architectures import input_kind_of
+
+    model = build_model(arch, num_classes=num_classes, **model_kwargs(cfg, arch, dims)).to(device)
     opt = make_optimizer(cfg, model)
-    criterion, schedule = build_criterion(cfg)
+    criterion, schedule = build_criterion(cfg, arch)
     criterion.set_weights(schedule.at(0.0))
     b, chunk = cfg.optim.batch_size, max(1, steps // 3)
-    x = torch.randn(b, 512, device=device) * 5
+    kind, k = input_kind_of(arch), cfg.inputs.face_set_size
+    if kind == "face_set":
+        x = (torch.randn(b, k, 514, device=device), torch.ones(b, k, dtype=torch.bool, device=device))
+    elif kind == "multimodal":
+        x = (torch.randn(b, 512 + sum(dims), device=device) / 22,
+             torch.ones(b, 4, dtype=torch.bool, device=device))
+    else:
+        x = torch.randn(b, 512, device=device) * 5
     y = torch.randint(0, num_classes, (b,), device=device)
     bf16 = use_bf16(cfg, device)
 
@@ -70,6 +82,8 @@ def main() -> int:
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--json", help="also write the result here (JSON)")
     p.add_argument("--set", action="append", default=[], help="extra config override")
+    p.add_argument("--arch", default="M5", help="architecture(s), comma-separated: each is "
+                   "measured in turn, and the table compares their Ray rates with the first's")
     args = p.parse_args()
     if args.use_gpu and not torch.cuda.is_available():
         sys.exit("--use-gpu: torch sees no CUDA device here (torch.cuda.is_available() is False)")
@@ -86,26 +100,43 @@ def main() -> int:
     if device.type == "cpu":  # one Ray Train CPU worker gets one thread's worth of cores
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    top = ceiling(cfg, num_classes, args.ceiling_steps, device)
-    print(f"bare loop on {name}: {top:,.0f} samples/s", flush=True)
-    out = {"dataset": ds, "num_classes": num_classes, "device": device.type, "device_name": name,
-           "bf16": use_bf16(cfg, device), **ray_run(cfg, ds, args.num_cpus), "ceiling_samples_per_s": round(top)}
-    out["ratio"] = round(out["rayvid_samples_per_s_last_epoch"] / top, 3)
-    print(json.dumps(out, indent=2))
+    from rayvid.train.kfold import dataset_dims
+
+    dims = dataset_dims(read_meta(ds))
+    archs = [a for a in args.arch.split(",") if a]
+    results = []
+    for arch in archs:
+        top = ceiling(cfg, num_classes, args.ceiling_steps, device, arch, dims)
+        print(f"bare loop on {name}, {arch}: {top:,.0f} samples/s", flush=True)
+        out = {"dataset": ds, "arch": arch, "num_classes": num_classes, "device": device.type,
+               "device_name": name, "bf16": use_bf16(cfg, device),
+               **ray_run(cfg, ds, args.num_cpus, arch), "ceiling_samples_per_s": round(top)}
+        out["ratio"] = round(out["rayvid_samples_per_s_last_epoch"] / top, 3)
+        print(json.dumps(out, indent=2))
+        results.append(out)
+        print(f"\n{name} ({device.type}), {cfg.train.num_workers} worker(s), {arch}, "
+              f"C={num_classes}, batch {cfg.optim.batch_size}, bf16 {out['bf16']}: fit() "
+              f"{out['fit_wall_s']} s of which training {out['train_s']} s: overhead "
+              f"{out['fit_overhead_s']} s")
+        ratio_line(f"training samples/s, {device.type}, {arch}",
+                   out["rayvid_samples_per_s_last_epoch"], top, "samples/s", target=0.5,
+                   names=("ray", "bare"))
     if args.json:
         tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
+        tmp.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
         tmp.replace(args.json)
-    print(f"\n{name} ({device.type}), {cfg.train.num_workers} worker(s), M5, C={num_classes}, "
-          f"batch {cfg.optim.batch_size}, bf16 {out['bf16']}: fit() {out['fit_wall_s']} s of which "
-          f"training {out['train_s']} s: overhead {out['fit_overhead_s']} s")
-    ratio_line(f"training samples/s, {device.type}", out["rayvid_samples_per_s_last_epoch"], top,
-               "samples/s", target=0.5, names=("ray", "bare"))
+    if len(results) > 1:
+        first = results[0]
+        for r in results[1:]:
+            ratio_line(f"Ray Data -> Ray Train samples/s, {r['arch']} vs {first['arch']}",
+                       r["rayvid_samples_per_s_last_epoch"],
+                       first["rayvid_samples_per_s_last_epoch"], "samples/s",
+                       names=(r["arch"], first["arch"]))
     return 0
 
 
-def ray_run(cfg: TrainJobConfig, ds: str, num_cpus: int | None) -> dict:
-    """Fold 0 of M5 through Ray Data -> Ray Train; its samples/s and fit() overhead."""
+def ray_run(cfg: TrainJobConfig, ds: str, num_cpus: int | None, arch: str = "M5") -> dict:
+    """Fold 0 of `arch` through Ray Data -> Ray Train; its samples/s and fit() overhead."""
     import ray
 
     from rayvid.train.kfold import train_fold
@@ -115,7 +146,7 @@ def ray_run(cfg: TrainJobConfig, ds: str, num_cpus: int | None) -> dict:
              logging_level="WARNING")
     with tempfile.TemporaryDirectory(prefix="rayvid-bench-train-") as run:
         t0 = time.perf_counter()
-        result = train_fold(cfg, ds, run, 0, "M5")
+        result = train_fold(cfg, ds, run, 0, arch)
         wall = time.perf_counter() - t0
     ray.shutdown()
     hist, b, world = result["history"], cfg.optim.batch_size, cfg.train.num_workers
