@@ -259,12 +259,10 @@ def main() -> int:
 
 def write(work: Path, rows: list[dict], mixes: list[dict]) -> None:
     """The tables and the plot as they stand (after every row: a stopped run keeps them)."""
-    md = tables(rows, mixes)
-    for name, text in (("modalities.json", json.dumps({"rows": rows, "mixes": mixes}, indent=2)),
-                       ("modalities.md", md)):
-        tmp = work / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(work / name)
+    from rayvid.core.atomic import write_json, write_text
+
+    write_json(work / "modalities.json", {"rows": rows, "mixes": mixes})
+    write_text(work / "modalities.md", tables(rows, mixes))
     plot(rows, mixes, work / "modalities.png")
 
 
