@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayvid.core import fusion, inputs
-from rayvid.release import schema
+from rayvid.release import schema, strat
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,13 @@ class ClipTransform:
     folds: (k, fold, keep) with keep "train" (fold != f), "heldout" (fold == f) or None
         (all clips of the split). Test clips (null label) never match a fold filter.
     gate: (det_min, quality_min) applied to faces before anything else, or None.
+    noise: keep the noise clips (label 0, val/test clips without a gt line) that the fold
+        filter selects; False drops them (training without an open-set recipe).
+    val_part: of the val clips, keep only the "seen" or the "unseen" part
+        (`rayvid.release.strat.unseen_mask` with `unseen_fraction`), or all (None). Rows
+        of other splits are not affected.
+    val_labels: of the (remaining) val clips, keep "all" or only the "noise" ones (an
+        open-set recipe that adds val's noise clips to the train folds).
     """
 
     mode: str = "qff"
@@ -73,10 +80,18 @@ class ClipTransform:
     modality_dropout: float = 0.0
     dims: tuple[int, int, int] = (512, 512, 512)
     train: bool | None = None  # None: training when drop_empty is set (as before kinds)
+    noise: bool = True
+    val_part: str | None = None
+    unseen_fraction: float = 0.5
+    val_labels: str = "all"
 
     def __post_init__(self) -> None:
         if self.mode not in ("qfda", "qff"):
             raise ValueError(f"mode must be qfda or qff, got {self.mode!r}")
+        if self.val_part not in (None, "seen", "unseen"):
+            raise ValueError(f"val_part must be seen, unseen or None, got {self.val_part!r}")
+        if self.val_labels not in ("all", "noise"):
+            raise ValueError(f"val_labels must be all or noise, got {self.val_labels!r}")
         self.spec  # InputSpec's own checks, when the pipeline is built
 
     @property
@@ -90,7 +105,11 @@ class ClipTransform:
 
     def columns(self) -> list[str]:
         """The Parquet columns this transform reads."""
-        cols = KEY_COLUMNS + FACE_COLUMNS + (["clip"] if self.with_clip else [])
+        cols = KEY_COLUMNS + FACE_COLUMNS
+        if self.val_part is not None or self.val_labels != "all":
+            cols += ["split"]
+        if self.with_clip or self.val_part is not None:
+            cols += ["clip"]
         if "multimodal" in self.kinds:
             for m in self.modalities:
                 cols += MODALITY_COLUMNS.get(m, [])
@@ -112,7 +131,7 @@ class ClipTransform:
                                 heads, bodies, audio)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        batch = self._filter_folds(batch)
+        batch = self.select_rows(batch)
         parts = self.parts(batch)
         labels = pc.fill_null(batch.column("label"), -1).to_numpy().astype(np.int64)
         clips = batch.column("clip").to_numpy(zero_copy_only=False) if self.with_clip else None
@@ -143,15 +162,26 @@ class ClipTransform:
         out["y"] = np.tile(labels, self.repeats)[order]
         return out
 
-    def _filter_folds(self, batch: pa.Table) -> pa.Table:
-        if self.folds is None:
-            return batch
-        k, fold, keep = self.folds
+    def select_rows(self, batch: pa.Table) -> pa.Table:
+        """The rows this transform keeps: the val part and labels, the noise rule, the fold."""
+        keep = np.ones(batch.num_rows, bool)
         label = pc.fill_null(batch.column("label"), -1).to_numpy()
-        rank = pc.fill_null(batch.column("strat_rank"), 0).to_numpy()
-        f = schema.fold_of(label, rank, k)
-        mask = (f == fold) if keep == "heldout" else (f != fold)
-        return batch.filter(pa.array(mask & (label >= 0)))
+        if self.val_part is not None or self.val_labels != "all":
+            is_val = pc.equal(batch.column("split"), "val").to_numpy(zero_copy_only=False)
+            if self.val_part is not None:
+                unseen = strat.unseen_mask(batch.column("clip").to_numpy(zero_copy_only=False),
+                                           self.unseen_fraction)
+                keep &= ~is_val | (unseen if self.val_part == "unseen" else ~unseen)
+            if self.val_labels == "noise":
+                keep &= ~is_val | (label == 0)
+        if not self.noise:
+            keep &= label != 0
+        if self.folds is not None:
+            k, fold, which = self.folds
+            rank = pc.fill_null(batch.column("strat_rank"), 0).to_numpy()
+            f = schema.fold_of(label, rank, k)
+            keep &= ((f == fold) if which == "heldout" else (f != fold)) & (label >= 0)
+        return batch if keep.all() else batch.filter(pa.array(keep))
 
 
 def split_paths(dataset_dir: str | Path, splits: tuple[str, ...] | list[str]) -> list[str]:
@@ -186,7 +216,7 @@ def count_training_clips(dataset_dir: str | Path, splits: tuple[str, ...] | list
     import ray.data
 
     def count(batch: pa.Table) -> dict[str, np.ndarray]:
-        batch = transform._filter_folds(batch)
+        batch = transform.select_rows(batch)
         parts = transform.parts(batch)
         if transform.gate:
             parts = parts.gate_faces(*transform.gate)

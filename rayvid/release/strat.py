@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 
+import numpy as np
+
 from rayvid.release.schema import NOISE_LABEL
 
 STRAT_SEED = 0
@@ -39,3 +41,37 @@ def strat_ranks(splits: dict[str, tuple[set[str], dict[str, int]]],
         clips.sort(key=lambda c: (strat_key(c, seed), c))
         ranks.update((c, r) for r, c in enumerate(clips))
     return ranks
+
+
+# ------------------------------------------------------------------ the unseen part of val
+
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
+
+def name_hash(names: np.ndarray | list[str]) -> np.ndarray:
+    """64-bit FNV-1a of each clip name's UTF-8 bytes, vectorised over clips (one pass per
+    byte position, not per clip): a stable, seedless key that depends on the name alone,
+    so any process, batch order or file layout gives a clip the same value.
+    names: (n,) str. Returns (n,) uint64."""
+    raw = np.char.encode(np.asarray(names, dtype=str), "utf-8") if len(names) else \
+        np.zeros(0, "S1")
+    lengths = np.char.str_len(raw) if len(raw) else np.zeros(0, np.int64)
+    width = max(raw.dtype.itemsize, 1)
+    data = np.frombuffer(raw.tobytes(), np.uint8).reshape(len(raw), width)
+    h = np.full(len(raw), _FNV_OFFSET, np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(width):
+            live = lengths > j
+            h = np.where(live, (h ^ data[:, j].astype(np.uint64)) * _FNV_PRIME, h)
+    return h
+
+
+def unseen_mask(names: np.ndarray | list[str], fraction: float) -> np.ndarray:
+    """(n,) bool: the clips of the *unseen part* of val, a `fraction` of its clips chosen by
+    `name_hash` alone (independent of the label and of the folds). When training folds val
+    in (the open-set recipes, `rayvid.train.config.OpenSetSection`), these clips are never
+    trained on, never in a fold, and the final val mAP is scored on them only."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"unseen fraction must lie in [0, 1], got {fraction}")
+    u = (name_hash(names) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return u < fraction
