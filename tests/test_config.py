@@ -271,3 +271,47 @@ def test_each_head_gets_its_own_loss_mix():
         assert (loss.losses["cosface"].s, loss.losses["cosface"].m3) == (16.0, 0.2)
         assert model_kwargs(cfg, arch)["scale"] == 16.0  # the head scores with the loss's s
     assert model_kwargs(cfg, "multimodal", (64, 32, 16))["head_dim"] == 64
+
+
+@pytest.mark.parametrize("items, splits, rows, part", [
+    ([], ("train",), {"noise": False}, None),
+    (["openset.noise=uir"], ("train", "val"),
+     {"noise": True, "val_part": "seen", "unseen_fraction": 0.5, "val_labels": "noise"}, "unseen"),
+    (["openset.noise=class", "openset.source=val", "openset.unseen=0.3"], ("train", "val"),
+     {"noise": True, "val_part": "seen", "unseen_fraction": 0.3, "val_labels": "all"}, "unseen"),
+    (["openset.score_noise=true"], ("train", "val"),
+     {"noise": False, "val_part": "seen", "unseen_fraction": 0.5, "val_labels": "noise"}, "unseen"),
+    (["folds.splits=[train,val]", "openset.unseen=0"], ("train", "val"),
+     {"noise": False, "val_part": None, "unseen_fraction": 0.0, "val_labels": "all"}, None),
+])
+def test_open_set_recipe_decides_the_folded_clips_and_the_honest_part(items, splits, rows, part):
+    """One key (`openset.noise`) turns a recipe on: val's noise joins the folds, a part of
+    val stays unseen and the final score is on that part only."""
+    cfg = load_config(TrainJobConfig, None, items)
+    assert cfg.fold_splits == splits and cfg.row_filters() == rows
+    assert cfg.eval_part("val") == part and cfg.eval_part("test") is None
+
+
+@pytest.mark.parametrize("items, match", [
+    (["openset.noise=other"], "openset.noise"),
+    (["openset.unseen=1.0"], "openset.unseen"),
+    (["openset.uir_weight=-1"], "openset.uir_weight"),
+    (["model.calibrate=cosine"], "model.calibrate"),
+])
+def test_bad_open_set_and_calibration_values_name_their_key(items, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainJobConfig, None, items)
+
+
+def test_open_set_recipe_wraps_the_heads_loss():
+    from rayvid.model.losses import MixedLoss, OpenSetLoss
+    from rayvid.train.worker import build_criterion
+
+    plain = load_config(TrainJobConfig, None, [])
+    assert isinstance(build_criterion(plain, "M5")[0], MixedLoss)
+    cfg = load_config(TrainJobConfig, None, ["openset.noise=both", "openset.uir_weight=0.3",
+                                             "openset.uir_start=0.2", "loss.margin_scale=16"])
+    for arch, scale in (("M5", 1.0), ("cosine_mlp", 16.0)):
+        loss, _ = build_criterion(cfg, arch)
+        assert isinstance(loss, OpenSetLoss)
+        assert (loss.mode, loss.lam, loss.start, loss.scale) == ("both", 0.3, 0.2, scale)

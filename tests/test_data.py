@@ -95,3 +95,49 @@ def test_missing_dataset_and_split_give_clear_errors(ray_local, tmp_path, sim_da
         schema.read_meta(tmp_path)
     with pytest.raises(FileNotFoundError, match="no split 'nope'"):
         rdata.clip_dataset(sim_dataset, ["nope"], rdata.ClipTransform())
+
+
+def _fnv1a_fmix(name: str) -> int:
+    """The unseen-part key, one clip at a time from its definition (the oracle)."""
+    h = 0xCBF29CE484222325
+    for b in name.encode("utf-8"):
+        h = ((h ^ b) * 0x100000001B3) % (1 << 64)
+    for mult in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        h ^= h >> 33
+        h = (h * mult) % (1 << 64)
+    return h ^ (h >> 33)
+
+
+def test_unseen_part_is_a_stable_hash_of_the_name():
+    from rayvid.release.strat import name_hash, unseen_mask
+
+    names = [f"IQIYI_VID_VAL_{i:07d}" for i in range(1, 3001)] + ["é名", "", "x" * 70]
+    assert name_hash(names).tolist() == [_fnv1a_fmix(n) for n in names]
+    part = unseen_mask(names, 0.3)
+    assert 0.27 < part[:3000].mean() < 0.33  # neighbouring numbers do not share a part
+    assert (unseen_mask(names[::-1], 0.3) == part[::-1]).all()  # no dependence on order
+    assert not unseen_mask(names, 0.0).any() and (part <= unseen_mask(names, 0.6)).all()
+
+
+def test_val_parts_and_noise_rows_select_what_they_say(sim_dataset):
+    """select_rows against an independent per-row reading of the Parquet columns."""
+    from rayvid.release.strat import unseen_mask
+
+    table = _table(sim_dataset, "val")
+    rows = table.select(["clip", "split", "label"]).to_pylist()
+    unseen = dict(zip([r["clip"] for r in rows], unseen_mask([r["clip"] for r in rows], 0.4)))
+    label = {r["clip"]: -1 if r["label"] is None else r["label"] for r in rows}
+    assert any(v == 0 for v in label.values())  # the simulated val has noise clips
+
+    def kept(**kw):
+        return set(rdata.ClipTransform(mode="qff", with_clip=True, unseen_fraction=0.4,
+                                       **kw)(table)["clip"].tolist())
+
+    assert kept(val_part="unseen") == {c for c in unseen if unseen[c]}
+    assert kept(val_part="seen") == {c for c in unseen if not unseen[c]}
+    assert kept(val_part="seen", val_labels="noise") == \
+        {c for c in unseen if not unseen[c] and label[c] == 0}
+    assert kept(noise=False) == {c for c in label if label[c] != 0}
+    train = _table(sim_dataset, "train")  # rows of other splits are not affected
+    assert rdata.ClipTransform(val_part="unseen", val_labels="noise")(train)["y"].size == \
+        train.num_rows

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rayvid.model.losses import (
+    OpenSetLoss,
     COMBINE, FOURTH_PLACE_STAGES, LOSSES, START, LossSchedule, MarginLoss, MixedLoss, build_loss,
 )
 
@@ -148,3 +149,74 @@ def test_loss_schedule_validation() -> None:
         LossSchedule([(0.1, START)])
     with pytest.raises(ValueError):
         LossSchedule([(0.0, START), (0.5, COMBINE), (0.5, START)])
+
+
+# ------------------------------------------------------------------ open-set recipes
+
+
+def _batch(seed: int = 0, n: int = 12, c: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 0, 3, 4, 5, 0, 1, 2, 0, 3])[:n]
+    return logits, target
+
+
+def _rejection_by_hand(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-(1/n) sum_i log softmax_i over the known classes, per noise row, averaged: a loop."""
+    rows = []
+    for z, t in zip(logits, target):
+        if t == 0:
+            known = z[1:]
+            log_p = known - torch.logsumexp(known, 0)
+            rows.append(-log_p.mean())
+    return torch.stack(rows).mean()
+
+
+@pytest.mark.parametrize("mode", ["class", "uir", "both"])
+def test_open_set_loss_against_hand_computation(mode: str) -> None:
+    logits, target = _batch()
+    base = MixedLoss({"ce": 0.25, "focal": 0.75})
+    loss = OpenSetLoss(base, mode, lam=0.7)
+    noise = target == 0
+    everything = 0.25 * F.cross_entropy(logits, target) + 0.75 * _naive_focal(logits, target)
+    known_only = 0.25 * F.cross_entropy(logits[~noise], target[~noise]) + \
+        0.75 * _naive_focal(logits[~noise], target[~noise])
+    rejection = _rejection_by_hand(logits, target)
+    expected = {"class": everything, "uir": known_only + 0.7 * rejection,
+                "both": everything + 0.7 * rejection}[mode]
+    assert torch.allclose(loss(logits, target), expected)
+
+
+def test_open_set_rejection_starts_on_schedule_and_uses_the_cosine_scale() -> None:
+    logits, target = _batch(1)
+    loss = OpenSetLoss(MixedLoss({"ce": 1.0}), "uir", lam=1.0, start=0.5, scale=30.0)
+    known = target > 0
+    ce_known = F.cross_entropy(logits[known], target[known])
+    loss.set_progress(0.4)
+    assert torch.allclose(loss(logits, target), ce_known)  # before its start: labelled CE only
+    loss.set_progress(0.5)
+    assert set(loss.components(logits, target)) == {"ce", "uir_rejection"}
+    assert torch.allclose(loss(logits, target),
+                          ce_known + _rejection_by_hand(30.0 * logits, target))
+
+
+def test_open_set_rejection_is_minimal_at_uniform_and_pushes_towards_it() -> None:
+    target = torch.tensor([0, 0])
+    uniform = torch.zeros(2, 5)
+    peaked = torch.tensor([[0.0, 4.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0, -2.0]])
+    loss = OpenSetLoss(MixedLoss({"focal": 1.0}), "uir")
+    assert float(loss(uniform, target)) == pytest.approx(math.log(4))  # log n, n known classes
+    assert float(loss(peaked, target)) > math.log(4)
+    z = peaked.clone().requires_grad_(True)
+    loss(z, target).backward()
+    assert z.grad[0, 1] > 0  # gradient descent lowers the peaked identity's logit
+
+
+def test_open_set_batches_without_noise_or_labels_are_finite() -> None:
+    logits, _ = _batch()
+    for target in (torch.full((12,), 2), torch.zeros(12, dtype=torch.long)):
+        for mode in ("class", "uir", "both"):
+            value = OpenSetLoss(MixedLoss({"ce": 0.5, "focal": 0.5}), mode)(logits, target)
+            assert torch.isfinite(value)
+    with pytest.raises(ValueError, match="open-set mode"):
+        OpenSetLoss(MixedLoss({"ce": 1.0}), "reject")

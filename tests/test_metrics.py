@@ -291,3 +291,15 @@ def test_evaluate_job_malformed_submission_exits_2(tmp_path):
 
 def test_constants():
     assert formats.NUM_IDENTITIES == 10034 and formats.MAX_RANK == 100
+
+
+def test_score_files_on_a_part_of_the_split_drops_the_other_clips(tmp_path):
+    """The unseen part of val: the gt keeps the part's clips (identities with none of them
+    drop out) and the AP is computed over the submission of that part, by hand."""
+    gt = _write(tmp_path / "gt.txt", "1 a.mp4 b.mp4 c.mp4\n2 d.mp4\n3 e.mp4 f.mp4\n")
+    sub = _write(tmp_path / "sub.txt", "1 b.mp4 x.mp4 c.mp4\n3 y.mp4 f.mp4\n")
+    part = {"b", "c", "x", "y", "f"}  # a, d, e are in the other part: identity 2 drops out
+    expected = ((1 / 1 + 2 / 3) / 2 + (1 / 2) / 1) / 2
+    assert score_files(gt, sub, clips=part) == pytest.approx(expected)
+    assert score_files(gt, sub, clips={c + ".mp4" for c in part}) == pytest.approx(expected)
+    assert score_files(gt, sub) == pytest.approx(((1 + 2 / 3) / 3 + 0 + (1 / 2) / 2) / 3)

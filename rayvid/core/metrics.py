@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rayvid.core.formats import (MAX_RANK, NUM_IDENTITIES, check_ranking_length, dedupe_ranking,
-                                 read_gt, read_submission)
+from rayvid.core.formats import (MAX_RANK, NUM_IDENTITIES, check_ranking_length, clip_stem,
+                                 dedupe_ranking, read_gt, read_submission)
 
 _CHUNK_BYTES = 64 << 20  # working-set budget of one identity chunk in map_from_scores
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -89,10 +89,27 @@ def mean_average_precision(
 
 
 def score_files(
-    gt_path: str | Path, submission_path: str | Path, max_id: int = NUM_IDENTITIES
+    gt_path: str | Path, submission_path: str | Path, max_id: int = NUM_IDENTITIES,
+    clips: AbstractSet[str] | None = None,
 ) -> float:
-    """The official mAP of a submission file against a `val_gt.txt`-format file."""
-    return mean_average_precision(read_gt(gt_path, max_id), read_submission(submission_path))
+    """The official mAP of a submission file against a `val_gt.txt`-format file.
+
+    clips: score a part of the split only (the unseen part of val): the gt keeps these
+    clips, and an identity none of whose gt clips is among them drops out. The submission
+    must then rank only these clips (a prediction of that part)."""
+    gt = read_gt(gt_path, max_id)
+    if clips is not None:
+        gt = restrict_gt(gt, clips)
+    return mean_average_precision(gt, read_submission(submission_path))
+
+
+def restrict_gt(gt: Mapping[int, Sequence[str]], clips: AbstractSet[str]
+                ) -> dict[int, list[str]]:
+    """The gt of a part of a split: each identity's clips among `clips` (names with or
+    without `.mp4`); identities left with none are dropped (nothing to find in that part)."""
+    keys = {clip_stem(c) for c in clips}
+    out = {i: [c for c in cs if clip_stem(c) in keys] for i, cs in gt.items()}
+    return {i: cs for i, cs in out.items() if cs}
 
 
 # ----------------------------------------------------------------- ranking as uint64 keys

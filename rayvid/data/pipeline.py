@@ -212,7 +212,14 @@ def clip_dataset(dataset_dir: str | Path, splits: tuple[str, ...] | list[str],
 
 def count_training_clips(dataset_dir: str | Path, splits: tuple[str, ...] | list[str],
                          transform: ClipTransform) -> int:
-    """Clips that survive the fold filter and the gate (one cheap pass, no features)."""
+    """Clips that survive the row filters and the gate (one cheap pass, no features)."""
+    return training_counts(dataset_dir, splits, transform)["clips"]
+
+
+def training_counts(dataset_dir: str | Path, splits: tuple[str, ...] | list[str],
+                    transform: ClipTransform) -> dict[str, int]:
+    """{"clips", "noise"}: the clips that survive the row filters and the gate, and how
+    many of them are noise (label 0). One cheap pass over the keys and detections."""
     import ray.data
 
     def count(batch: pa.Table) -> dict[str, np.ndarray]:
@@ -221,10 +228,13 @@ def count_training_clips(dataset_dir: str | Path, splits: tuple[str, ...] | list
         if transform.gate:
             parts = parts.gate_faces(*transform.gate)
         alive = inputs.trainable(transform.kinds[0], parts, transform.spec)
-        return {"n": np.array([int(alive.sum())])}
+        label = pc.fill_null(batch.column("label"), -1).to_numpy()
+        return {"n": np.array([int(alive.sum())]),
+                "noise": np.array([int((alive & (label == 0)).sum())])}
 
     # select_columns, not read_parquet(columns=...) (deprecated in Ray 2.60): projected
     # at read time all the same
     ds = ray.data.read_parquet(split_paths(dataset_dir, splits)).select_columns(
         transform.columns())
-    return int(ds.map_batches(count, batch_format="pyarrow", batch_size=4096).sum("n") or 0)
+    rows = ds.map_batches(count, batch_format="pyarrow", batch_size=4096).take_all()
+    return {"clips": sum(int(r["n"]) for r in rows), "noise": sum(int(r["noise"]) for r in rows)}

@@ -238,14 +238,16 @@ class EnsembleScorer:
 
 def scored_dataset(spec: RunSpec, dataset_dir: str | os.PathLike, split: str, *,
                    top_k_clip: int, top_k_identity: int, batch_size: int, num_actors: int,
-                   use_gpu: bool):
-    """The lazy Ray Dataset of scored clips, in dataset order (`SCORED_SCHEMA` blocks)."""
+                   use_gpu: bool, part: str | None = None, unseen_fraction: float = 0.5):
+    """The lazy Ray Dataset of scored clips, in dataset order (`SCORED_SCHEMA` blocks).
+    part: "seen" / "unseen" keeps that part of val's clips (`ClipTransform.val_part`)."""
     import ray.data
 
     inputs = spec.ensemble.input_spec()
     transform = data.ClipTransform(mode="qff", weighting=spec.weighting, with_clip=True,
                                    kinds=inputs.kinds, face_set_size=inputs.face_set_size,
-                                   modalities=inputs.modalities, dims=inputs.dims)
+                                   modalities=inputs.modalities, dims=inputs.dims,
+                                   val_part=part, unseen_fraction=unseen_fraction)
     ds = data.clip_dataset(dataset_dir, [split], transform, batch_size=batch_size)
     ds = ds.map_batches(
         EnsembleScorer, batch_format="numpy", batch_size=batch_size,
@@ -319,16 +321,23 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
                   out_path: str | os.PathLike, *, per_clip_path: str | os.PathLike | None = None,
                   top_k_clip: int = 5, top_k_identity: int = MAX_RANK, batch_size: int = 4096,
                   num_actors: int | None = None, use_gpu: bool | None = None,
-                  gt_path: str | os.PathLike | None = None) -> dict[str, Any]:
+                  gt_path: str | os.PathLike | None = None, part: str | None = None,
+                  unseen_fraction: float = 0.5) -> dict[str, Any]:
     """Predict `split` of a prepared dataset with the run's ensemble; write the submission.
 
     out_path: the submission (top `top_k_identity` clips per identity, ids ascending).
     per_clip_path: optional Parquet with clip, ok, top_ids (k,) int32, top_scores (k,) float32.
     use_gpu / num_actors: default from `ray.cluster_resources()` (one actor per GPU).
     gt_path: score the submission (default for val: the release's val_gt.txt, if found).
+    part: predict (and score) only the "seen" or "unseen" part of val
+        (`rayvid.release.strat.unseen_mask` with `unseen_fraction`): the honest score of a
+        run whose open-set recipe trained on val's other part.
     Returns a summary dict (clips, not_ok, seconds, clips_per_s, paths, map if scored).
     Raises PredictError for a missing or malformed input, before anything runs.
     """
+    if part is not None and (split != "val" or part not in ("seen", "unseen")):
+        raise PredictError(f"part {part!r} of split {split!r}: only val has a seen and an "
+                           "unseen part")
     spec = read_run(run_dir)
     meta = check_split(dataset_dir, split)
     gt = find_gt(meta, split, gt_path)
@@ -338,7 +347,8 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
              spec.weighting)
     ds = scored_dataset(spec, dataset_dir, split, top_k_clip=top_k_clip,
                         top_k_identity=top_k_identity, batch_size=batch_size,
-                        num_actors=num_actors, use_gpu=use_gpu)
+                        num_actors=num_actors, use_gpu=use_gpu, part=part,
+                        unseen_fraction=unseen_fraction)
     acc, t0 = TopKPerIdentity(spec.num_classes, top_k_identity), time.perf_counter()
     with _atomic_parquet(per_clip_path, PER_CLIP_SCHEMA) as writer:
         # Driver batches the size of the actors' keep <= 2 x top_k candidates per identity.
@@ -350,7 +360,10 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
                "clips_per_s": round(len(names) / max(seconds, 1e-9), 1),
                "submission": str(out_path), "per_clip": str(per_clip_path) if per_clip_path else None,
                "num_classes": spec.num_classes, "members": spec.members, "num_actors": num_actors,
-               "use_gpu": use_gpu, "weighting": asdict(spec.weighting), "gt": str(gt) if gt else None}
+               "use_gpu": use_gpu, "weighting": asdict(spec.weighting), "gt": str(gt) if gt else None,
+               "part": part}
+    if part is not None:
+        summary["unseen_fraction"] = unseen_fraction
     if gt is not None:
-        summary["map"] = score_files(gt, out_path)
+        summary["map"] = score_files(gt, out_path, clips=set(names) if part else None)
     return summary

@@ -124,5 +124,8 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
         model.load_state_dict(clean_state_dict(state))
     except RuntimeError as err:
         raise RuntimeError(f"checkpoint {directory}: weights do not fit arch {arch!r}: {err}") from err
+    calibration = (meta.get("extra") or {}).get("calibration")
+    if calibration:  # written after training (`rayvid.model.calibration.calibrate_checkpoint`)
+        model.logit_scale, model.logit_bias = float(calibration["a"]), float(calibration["b"])
     model.to(map_location)
     return model.eval(), meta

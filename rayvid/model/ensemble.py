@@ -94,7 +94,8 @@ class Ensemble:
 
     def scores(self, x: np.ndarray | Mapping[str, np.ndarray], mask: np.ndarray | None = None,
                weights: Sequence[float] | None = None) -> np.ndarray:
-        """Blend of the members' `sigmoid(logit_scale * output)`, `(n, C) float32`.
+        """Blend of the members' scores (`RayvidModel.score`: `sigmoid(logit_scale * output
+        + logit_bias)`, calibrated for cosine heads), `(n, C) float32`.
 
         x: the inputs as `rayvid.core.inputs.build` returns them (`x`, `faces` +
             `face_mask`, `mm` + `mm_mask`: the columns of every member's kind), or, for an
@@ -139,8 +140,7 @@ class Ensemble:
                     use = torch.from_numpy(usable[kind][lo:hi]).to(self.device)[:, None].float()
                     args = [cols[c].float() if cols[c].dtype == torch.float16 else cols[c]
                             for c in COLUMNS[kind]]
-                    scale = float(getattr(m, "logit_scale", 1.0))
-                    total += (w * use) * torch.sigmoid(scale * m(*args).float())
+                    total += (w * use) * m.score(m(*args))
                 out[lo:hi] = total.cpu().numpy()
         return out, used
 

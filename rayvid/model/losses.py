@@ -187,6 +187,65 @@ class MixedLoss(nn.Module):
         return sum((self.weights[n] * v for n, v in parts.items()), logits.new_zeros(()))
 
 
+def uir_rejection(logits: torch.Tensor) -> torch.Tensor:
+    """UIR's rejection term per sample: `-(1/n) sum_i log p_i`, p = softmax over the n known
+    classes (logits 1..C-1); minimal (log n) exactly when p is uniform. (B, C) -> (B,)."""
+    return -F.log_softmax(logits[:, 1:], dim=-1).mean(dim=-1)
+
+
+OPEN_SET_MODES = ("class", "uir", "both")
+
+
+class OpenSetLoss(nn.Module):
+    """An open-set recipe around a head's loss mix (`rayvid.train.config.OpenSetSection`).
+
+    Noise samples have target 0. mode:
+    - "class": the mix sees every sample; noise is class 0 (the 4th place's `other`).
+    - "uir": the mix sees the labelled samples only; noise samples get UIR's rejection term
+      (`uir_rejection` of `scale * logits`: the cosine heads' scale, so the softmax is the
+      one their margin loss trains), weighted `lam`.
+    - "both": the mix on every sample (class 0) plus the rejection term on noise.
+    The term is on from `start` (a fraction of the total steps, `set_progress`). A batch
+    without noise (or, for "uir", without labelled samples) contributes 0 for that part.
+    """
+
+    def __init__(self, base: "MixedLoss", mode: str, lam: float = 1.0, start: float = 0.0,
+                 scale: float = 1.0) -> None:
+        super().__init__()
+        if mode not in OPEN_SET_MODES:
+            raise ValueError(f"open-set mode must be one of {OPEN_SET_MODES}, got {mode!r}")
+        self.base, self.mode = base, mode
+        self.lam, self.start, self.scale = float(lam), float(start), float(scale)
+        self.progress = 0.0
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        self.base.set_weights(weights)
+
+    def set_progress(self, progress: float) -> None:
+        """progress: step / total steps, in [0, 1]: the term is on from `start`."""
+        self.progress = float(progress)
+
+    def components(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        noise = target == 0
+        zero = logits.new_zeros(())
+        if self.mode == "uir":
+            known = ~noise
+            parts = self.base.components(logits[known], target[known]) if known.any() else {}
+        else:
+            parts = self.base.components(logits, target)
+        if self.mode != "class" and self.lam > 0 and self.progress >= self.start:
+            parts["uir_rejection"] = uir_rejection(self.scale * logits[noise]).mean() \
+                if noise.any() else zero
+        return parts
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        parts = self.components(logits, target)
+        total = logits.new_zeros(())
+        for name, value in parts.items():
+            total = total + (self.lam if name == "uir_rejection" else self.base.weights[name]) * value
+        return total
+
+
 class LossSchedule:
     """Loss mixes over training: `stages[k] = (start, weights)`, start = fraction of total steps.
 

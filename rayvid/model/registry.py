@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from rayvid.core.formats import NUM_IDENTITIES
@@ -38,6 +39,12 @@ class RayvidModel(nn.Module):
 
     input_kind: str = "clip_vector"
     logit_scale: float = 1.0
+    logit_bias: float = 0.0  # with logit_scale: a score calibration (`rayvid.model.calibration`)
+
+    def score(self, output: torch.Tensor) -> torch.Tensor:
+        """The member's score of its raw outputs: `sigmoid(logit_scale * output + logit_bias)`,
+        what ensembles blend and fold evaluation ranks."""
+        return torch.sigmoid(self.logit_scale * output.float() + self.logit_bias)
 
     def __init__(self, arch: str, **config: Any) -> None:
         super().__init__()

@@ -50,9 +50,10 @@ _FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3
 
 def name_hash(names: np.ndarray | list[str]) -> np.ndarray:
     """64-bit FNV-1a of each clip name's UTF-8 bytes, vectorised over clips (one pass per
-    byte position, not per clip): a stable, seedless key that depends on the name alone,
-    so any process, batch order or file layout gives a clip the same value.
-    names: (n,) str. Returns (n,) uint64."""
+    byte position, not per clip), then murmur3's fmix64 finaliser so that names that
+    differ in their last digit (the release's numbering) differ in every bit: a stable,
+    seedless key that depends on the name alone, so any process, batch order or file
+    layout gives a clip the same value. names: (n,) str. Returns (n,) uint64."""
     raw = np.char.encode(np.asarray(names, dtype=str), "utf-8") if len(names) else \
         np.zeros(0, "S1")
     lengths = np.char.str_len(raw) if len(raw) else np.zeros(0, np.int64)
@@ -63,6 +64,11 @@ def name_hash(names: np.ndarray | list[str]) -> np.ndarray:
         for j in range(width):
             live = lengths > j
             h = np.where(live, (h ^ data[:, j].astype(np.uint64)) * _FNV_PRIME, h)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
     return h
 
 

@@ -22,10 +22,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def class_means(dataset: str, splits: tuple[str, ...], num_classes: int,
-                weighting: Weighting, folds: tuple[int, int, str] | None = None) -> np.ndarray:
+                weighting: Weighting, folds: tuple[int, int, str] | None = None,
+                rows: dict | None = None) -> np.ndarray:
     """(C, 512) float32 unit-norm mean of the unit qFF features of each identity's clips
-    (row 0, noise, and identities without a clip stay zero)."""
-    tf = rdata.ClipTransform(mode="qff", weighting=weighting, folds=folds)
+    (row 0, noise, and identities without a clip stay zero). rows: `ClipTransform` row
+    options (`TrainJobConfig.row_filters`: the training clips of an open-set recipe)."""
+    tf = rdata.ClipTransform(mode="qff", weighting=weighting, folds=folds, **(rows or {}))
     sums = np.zeros((num_classes, 512), np.float64)
     for b in rdata.clip_dataset(dataset, splits, tf).iter_batches(batch_size=4096,
                                                                    batch_format="numpy"):
@@ -41,10 +43,13 @@ def prototype_scores(x: np.ndarray, means: np.ndarray) -> np.ndarray:
 
 
 def rank_split(dataset: str, split: str, means: np.ndarray, weighting: Weighting,
-               folds: tuple[int, int, str] | None = None) -> tuple[TopKPerIdentity, list, np.ndarray]:
-    """Running top-100 per identity of a split under the prototype scores.
+               folds: tuple[int, int, str] | None = None, part: str | None = None,
+               unseen_fraction: float = 0.5) -> tuple[TopKPerIdentity, list, np.ndarray]:
+    """Running top-100 per identity of a split (of its `part` of val, seen or unseen)
+    under the prototype scores.
     Returns (top-k, clip names in index order, labels (n,) with -1 for unlabelled)."""
-    tf = rdata.ClipTransform(mode="qff", weighting=weighting, folds=folds, with_clip=True)
+    tf = rdata.ClipTransform(mode="qff", weighting=weighting, folds=folds, with_clip=True,
+                             val_part=part, unseen_fraction=unseen_fraction)
     topk, names, labels = TopKPerIdentity(len(means)), [], []
     for b in rdata.clip_dataset(dataset, [split], tf).iter_batches(batch_size=2048,
                                                                     batch_format="numpy"):
@@ -56,8 +61,11 @@ def rank_split(dataset: str, split: str, means: np.ndarray, weighting: Weighting
 
 
 def baseline_map(dataset: str, train_splits: tuple[str, ...], eval_split: str,
-                 num_classes: int, weighting: Weighting) -> float:
-    """Official-metric mAP of the prototype baseline on a labelled split (gt from labels)."""
-    means = class_means(dataset, train_splits, num_classes, weighting)
-    topk, _, labels = rank_split(dataset, eval_split, means, weighting)
+                 num_classes: int, weighting: Weighting, rows: dict | None = None,
+                 part: str | None = None, unseen_fraction: float = 0.5) -> float:
+    """Official-metric mAP of the prototype baseline on a labelled split (gt from labels),
+    or on its seen/unseen `part`, with class means of the `rows` of `train_splits`."""
+    means = class_means(dataset, train_splits, num_classes, weighting, rows=rows)
+    topk, _, labels = rank_split(dataset, eval_split, means, weighting, part=part,
+                                 unseen_fraction=unseen_fraction)
     return map_from_topk(topk, np.maximum(labels, 0))

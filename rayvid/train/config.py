@@ -106,6 +106,11 @@ class ModelSection(Config):
     # Width (d_model) of the attention and multimodal models; None: attention 128 (CPU-sized;
     # the 3rd place used 512), multimodal 512.
     width: int | None = Field(None, ge=8)
+    # Platt score calibration of each member on its held-out fold after training
+    # (rayvid.model.calibration): "auto" calibrates every member when `archs` has a cosine
+    # head (its sigmoid(s * cos) would outweigh the sigmoid heads' scores in the blend)
+    # and none otherwise; "all"; "none".
+    calibrate: Literal["auto", "all", "none"] = "auto"
 
     @field_validator("archs")
     @classmethod
@@ -258,6 +263,37 @@ class TrainSection(Config):
     seed: int = 0
 
 
+class OpenSetSection(Config):
+    """Open-set training: how the clips of no identity (noise, label 0: ~40% of the real
+    val and test splits, none in train) are used. The release has noise only in val, so a
+    recipe that uses noise folds val clips into training; `unseen` keeps a part of val out
+    of every fold, and the final val mAP is scored on that part only.
+
+    noise: "none" (noise clips are not trained on), "class" (the 4th place: noise is class
+        0, the `other` output, a target like any identity), "uir" (iQIYI's Unknown Identity
+        Rejection: noise clips are not a class; a term pushes their softmax over the
+        identities towards uniform, weight `uir_weight` from `uir_start` on; the other
+        losses see the labelled clips only) or "both" (class 0 and the UIR term).
+    source: with noise on, which val clips join the folds: "val_noise" (val's noise clips
+        only) or "val" (all of val's seen part, labelled and noise: the 4th place's final
+        recipe, which folded train+val). `folds.splits` containing val means "val" too.
+    unseen: the fraction of val clips (by a hash of the name, `rayvid.release.strat`) that
+        never enter a fold when val is folded in; the honest score. 0: none (then the val
+        score is of clips the ensemble trained on, and the summary says so).
+    score_noise: fold val's noise clips (seen part) in even when `noise` is "none": they do
+        not train, but every held-out fold is scored with its share of them, so fold mAPs
+        of recipes with and without noise compare the same clips (a sweep over
+        `openset.noise` turns it on).
+    """
+
+    noise: Literal["none", "class", "uir", "both"] = "none"
+    source: Literal["val_noise", "val"] = "val_noise"
+    unseen: float = Field(0.5, ge=0.0, lt=1.0)
+    uir_weight: float = Field(1.0, ge=0.0)
+    uir_start: float = Field(0.0, ge=0.0, le=1.0)
+    score_noise: bool = False
+
+
 class FoldsSection(Config):
     """Stratified folds over the clips of `splits`. The 4th place folded train+val together
     (noise = class 0) for its test submission; rayvid's default folds train alone so that
@@ -294,3 +330,36 @@ class TrainJobConfig(Config):
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     folds: FoldsSection = FoldsSection()
+    openset: OpenSetSection = OpenSetSection()
+
+    @property
+    def fold_splits(self) -> tuple[str, ...]:
+        """The splits the folds are drawn from: `folds.splits`, plus val when an open-set
+        recipe uses val's noise."""
+        o = self.openset
+        if (o.noise != "none" or o.score_noise) and "val" not in self.folds.splits:
+            return (*self.folds.splits, "val")
+        return tuple(self.folds.splits)
+
+    @property
+    def val_folded(self) -> bool:
+        """Whether some val clips train (then only the unseen part of val is an honest score)."""
+        return "val" in self.fold_splits
+
+    def row_filters(self) -> dict[str, Any]:
+        """The `rayvid.data.pipeline.ClipTransform` row options of a fold's training clips:
+        which val clips are folded and whether noise clips train. (The held-out clips take
+        the same options with `noise=True`: a fold is always scored with its noise.)"""
+        if not self.val_folded:
+            return {"noise": self.openset.noise != "none"}
+        all_val = "val" in self.folds.splits or (self.openset.noise != "none"
+                                                  and self.openset.source == "val")
+        labels = "all" if all_val else "noise"
+        return {"noise": self.openset.noise != "none",
+                "val_part": "seen" if self.openset.unseen > 0 else None,
+                "unseen_fraction": self.openset.unseen, "val_labels": labels}
+
+    def eval_part(self, split: str) -> str | None:
+        """The part of `split` the final score uses: val's unseen part when val is folded."""
+        return "unseen" if split == "val" and self.val_folded and self.openset.unseen > 0 \
+            else None

@@ -68,18 +68,26 @@ def run_training(cfg: TrainJobConfig, run_dir: str | Path) -> dict:
     results = train_kfold(cfg, dataset, run_dir)
     split = cfg.data.eval_split
     gt = gt_for(split, release)
+    part = cfg.eval_part(split)
+    if split in cfg.fold_splits and part is None:
+        log.warning("the eval split %s was trained on (folds over %s, openset.unseen=0): its "
+                    "mAP is not an honest measurement", split, list(cfg.fold_splits))
     pred = predict_split(run_dir, dataset, split, run_dir / f"submission_{split}.txt",
-                         per_clip_path=run_dir / f"per_clip_{split}.parquet", gt_path=gt)
+                         per_clip_path=run_dir / f"per_clip_{split}.parquet", gt_path=gt,
+                         part=part, unseen_fraction=cfg.openset.unseen)
     base = None
-    if gt is not None and split in ("val", "test") and split not in cfg.folds.splits:
-        base = baseline.baseline_map(str(dataset), cfg.folds.splits, split,
-                                     meta["num_classes"], cfg.fusion.weighting)
+    if gt is not None and split in ("val", "test") and (split not in cfg.fold_splits or part):
+        base = baseline.baseline_map(str(dataset), cfg.fold_splits, split,
+                                     meta["num_classes"], cfg.fusion.weighting,
+                                     rows=cfg.row_filters(), part=part,
+                                     unseen_fraction=cfg.openset.unseen)
     summary = {
         "run_dir": str(run_dir), "dataset": str(dataset), "config": to_dict(cfg),
         "folds": [{k: v for k, v in r.items() if k != "plan"} for r in results],
         "members": len(results),
-        "eval": {"split": split, "map": pred.get("map"), "gt": str(gt) if gt else None,
-                 "clips": pred.get("clips")},
+        "eval": {"split": split, "part": part, "map": pred.get("map"),
+                 "gt": str(gt) if gt else None, "clips": pred.get("clips"),
+                 "honest": split not in cfg.fold_splits or part is not None},
         "baseline_map": base, "seconds": round(time.perf_counter() - t0, 1),
         "submission": str(run_dir / f"submission_{split}.txt"),
         "per_clip": str(run_dir / f"per_clip_{split}.parquet"),

@@ -26,9 +26,9 @@ from rayvid.model import run_folder
 from rayvid.release.schema import read_meta
 from rayvid.train.config import TrainJobConfig
 from rayvid.core.inputs import INPUT_KINDS, InputSpec
-from rayvid.model.architectures import input_kind_of
-from rayvid.train.worker import (PROGRESS_FILE, RESULT_FILE, FoldPlan, input_columns,
-                                 plan_fold, train_loop_per_worker)
+from rayvid.model.architectures import COSINE_HEADS, input_kind_of
+from rayvid.train.worker import (COLUMN_DTYPES, PROGRESS_FILE, RESULT_FILE, FoldPlan,
+                                 input_columns, plan_fold, train_loop_per_worker)
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,19 @@ def transforms(cfg: TrainJobConfig, fold: int, arch: str = "M5",
     """(training, held-out) per-batch transforms of one fold, building `arch`'s input kind."""
     gate = (cfg.gate.det_min, cfg.gate.quality_min) if cfg.gate.enabled else None
     kinds = (input_kind_of(arch),)
+    rows = cfg.row_filters()
     common = dict(weighting=cfg.fusion.weighting, kinds=kinds, dims=dims,
-                  face_set_size=cfg.inputs.face_set_size, modalities=cfg.inputs.modalities)
+                  face_set_size=cfg.inputs.face_set_size, modalities=cfg.inputs.modalities,
+                  **{k: v for k, v in rows.items() if k != "noise"})
     train = rdata.ClipTransform(
         mode="qfda" if cfg.qfda.enabled else "qff", gate=gate,
         folds=(cfg.folds.k, fold, "train"), n_draws=cfg.qfda.n_draws, sizes=cfg.qfda.sizes,
         mix=cfg.qfda.mix, drop_empty=True, modality_dropout=cfg.inputs.modality_dropout,
-        **common)
-    # Held-out clips are scored as test clips are: every face, no gate, qFF.
-    heldout = rdata.ClipTransform(mode="qff", folds=(cfg.folds.k, fold, "heldout"), **common)
+        noise=rows["noise"], **common)
+    # Held-out clips are scored as test clips are: every face, no gate, qFF; with their
+    # noise clips, which this fold did not train on.
+    heldout = rdata.ClipTransform(mode="qff", folds=(cfg.folds.k, fold, "heldout"), noise=True,
+                                  **common)
     return train, heldout
 
 
@@ -82,23 +86,31 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
     meta = read_meta(dataset)
     dims = dataset_dims(meta)
     train_tf, heldout_tf = transforms(cfg, fold, arch, dims)
-    n_train = rdata.count_training_clips(dataset, cfg.folds.splits, train_tf)
+    counts = rdata.training_counts(dataset, cfg.fold_splits, train_tf)
+    n_train = counts["clips"]
+    if cfg.openset.noise != "none" and counts["noise"] == 0:
+        raise ValueError(
+            f"openset.noise={cfg.openset.noise}: fold {fold} has no noise clip (label 0) to "
+            f"train on in {list(cfg.fold_splits)} of {dataset}; the release keeps its noise in "
+            "val: check openset.unseen and openset.source, or set openset.noise=none")
     plan = plan_fold(cfg, n_train, meta["num_classes"], fold, arch, out, dims)
     columns = [*input_columns(arch), "y"]
     train_tf = dataclasses.replace(train_tf, repeats=plan.repeats)
     what = "qFDA draws" if cfg.qfda.enabled else "copies of its qFF vector"
-    log.info("[fold %d %s] %d training clips, %d %s per clip per epoch, %d epochs x %d steps",
-             fold, arch, n_train, plan.repeats, what, plan.epochs, plan.steps_per_epoch)
+    log.info("[fold %d %s] %d training clips (%d noise), %d %s per clip per epoch, "
+             "%d epochs x %d steps", fold, arch, n_train, counts["noise"], plan.repeats, what,
+             plan.epochs, plan.steps_per_epoch)
+    # deterministic (qFF): computed once, not re-executed every epoch
+    heldout = rdata.clip_dataset(dataset, cfg.fold_splits, heldout_tf
+                                 ).select_columns(columns).materialize()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "plan": dataclasses.asdict(plan)},
         scaling_config=_scaling(cfg),
         # the model's input columns and y only
-        datasets={"train": rdata.clip_dataset(dataset, cfg.folds.splits, train_tf,
+        datasets={"train": rdata.clip_dataset(dataset, cfg.fold_splits, train_tf,
                                               shuffle=True).select_columns(columns),
-                  # deterministic (qFF): computed once, not re-executed every epoch
-                  "val": rdata.clip_dataset(dataset, cfg.folds.splits, heldout_tf
-                                            ).select_columns(columns).materialize()},
+                  "val": heldout},
         dataset_config=DataConfig(datasets_to_split="all"),
         run_config=RunConfig(
             name=f"{cfg.name}-fold{fold}-{arch}", storage_path=str(run_dir / "ray_results"),
@@ -108,7 +120,43 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
     t0 = time.perf_counter()
     with FoldWatch(out, plan, every_s=cfg.train.log_every_s):
         result = trainer.fit()
-    return _finish(out, plan, result, time.perf_counter() - t0)
+    calibration = calibrate_member(cfg, out / "best", arch, heldout) \
+        if (out / "best").exists() else None
+    return _finish(out, plan, result, time.perf_counter() - t0, calibration)
+
+
+def calibrates(cfg: TrainJobConfig, arch: str) -> bool:
+    """Whether `arch`'s members get a score calibration (`model.calibrate`): "auto" when
+    the ensemble has a cosine head."""
+    return cfg.model.calibrate == "all" or (
+        cfg.model.calibrate == "auto" and any(a in COSINE_HEADS for a in cfg.model.archs))
+
+
+def calibrate_member(cfg: TrainJobConfig, best: Path, arch: str, heldout) -> dict | None:
+    """Platt-calibrate the best checkpoint of a (fold, arch) on its held-out clips
+    (`rayvid.model.calibration`), when `model.calibrate` asks for it; None otherwise."""
+    if not calibrates(cfg, arch):
+        return None
+    import numpy as np
+    import torch
+
+    from rayvid.model.calibration import fit_outputs, write_calibration
+    from rayvid.model.checkpoints import load_model
+
+    model, _ = load_model(best)
+    columns = input_columns(arch)
+
+    def outputs():
+        with torch.inference_mode():
+            for b in heldout.iter_batches(batch_size=2048, batch_format="numpy"):
+                args = [torch.from_numpy(np.array(b[c])).to(COLUMN_DTYPES[c]) for c in columns]
+                yield model(*args).float().numpy(), b["y"]
+
+    calibration = fit_outputs(outputs(), seed=cfg.train.seed)
+    write_calibration(best, calibration)
+    log.info("[%s] calibrated %s: score = sigmoid(%.3f * output %+.3f) (%d positive pairs)",
+             best.parent.name, best, calibration["a"], calibration["b"], calibration["positives"])
+    return calibration
 
 
 class FoldWatch:
@@ -166,7 +214,8 @@ class FoldWatch:
             return None
 
 
-def _finish(out: Path, plan: FoldPlan, result, seconds: float) -> dict:
+def _finish(out: Path, plan: FoldPlan, result, seconds: float,
+            calibration: dict | None = None) -> dict:
     state = _final_state(result)
     history = state.get("history", [])
     if not (out / "best").exists():
@@ -175,6 +224,8 @@ def _finish(out: Path, plan: FoldPlan, result, seconds: float) -> dict:
                "best_map": max((h["fold_map"] for h in history), default=None),
                "seconds": round(seconds, 1), "plan": dataclasses.asdict(plan),
                "restores": state.get("restores", []), "history": history}
+    if calibration is not None:
+        summary["calibration"] = calibration
     write_json(out / RESULT_FILE, summary)
     return summary
 
@@ -219,7 +270,8 @@ def fit_prototype(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path,
 
     out = Path(run_dir).resolve() / "prototype"
     if not (out / "model.pt").exists():
-        means = class_means(str(dataset), cfg.folds.splits, num_classes, cfg.fusion.weighting)
+        means = class_means(str(dataset), cfg.fold_splits, num_classes, cfg.fusion.weighting,
+                            rows=cfg.row_filters())
         head = build_model("prototype", num_classes=num_classes).set_means(means)
         save_checkpoint(out, head, job_config=to_dict(cfg),
                         extra={"weighting": dataclasses.asdict(cfg.fusion.weighting)})

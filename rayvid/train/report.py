@@ -42,10 +42,12 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"fold {r['fold']} {r['arch']:<10} best fold mAP {r['best_map']:.4f}  "
                      f"({r['seconds']:.0f} s)")
     ev = summary.get("eval") or {}
+    where = ev.get("split", "val") + (f" ({ev['part']} part)" if ev.get("part") else "")
     if ev.get("map") is not None:
-        lines.append(f"{ev['split']} mAP (ensemble of {summary['members']})   {ev['map']:.4f}")
+        lines.append(f"{where} mAP (ensemble of {summary['members']})   {ev['map']:.4f}"
+                     + ("" if ev.get("honest", True) else "  (trained on: not an honest score)"))
     if summary.get("baseline_map") is not None:
-        lines.append(f"{ev.get('split', 'val')} mAP (qFF class-mean baseline, no training)  "
+        lines.append(f"{where} mAP (qFF class-mean baseline, no training)  "
                      f"{summary['baseline_map']:.4f}")
     for key in ("submission", "per_clip", "plot", "summary"):
         if summary.get(key):

@@ -28,7 +28,7 @@ import torch
 
 from rayvid.model.checkpoints import save_checkpoint, unwrap_model
 from rayvid.config import from_dict, to_dict
-from rayvid.model.losses import LossSchedule, MixedLoss
+from rayvid.model.losses import LossSchedule, MixedLoss, OpenSetLoss
 from rayvid.core.metrics import map_from_topk
 from rayvid.core.inputs import COLUMNS
 from rayvid.model.architectures import COSINE_HEADS, MLP_ARCHS, build_model, input_kind_of
@@ -111,9 +111,11 @@ def lr_schedule(cfg: TrainJobConfig) -> LRSchedule:
                       min_lr=o.min_lr)
 
 
-def build_criterion(cfg: TrainJobConfig, arch: str = "M5") -> tuple[MixedLoss, LossSchedule]:
+def build_criterion(cfg: TrainJobConfig, arch: str = "M5"
+                    ) -> tuple[MixedLoss | OpenSetLoss, LossSchedule]:
     """The loss mix and its schedule for `arch`: `loss.cosine_stages` for a cosine head (with
-    `loss.margin_scale` and `loss.margin`), else `loss.stages`."""
+    `loss.margin_scale` and `loss.margin`), else `loss.stages`; wrapped in the `openset`
+    recipe (`OpenSetLoss`: noise as class 0, the UIR term, or both) when one is on."""
     stages = cfg.loss.cosine_stages if arch in COSINE_HEADS else cfg.loss.stages
     schedule = LossSchedule([(s.start, s.weights) for s in stages])
     options: dict[str, dict[str, float]] = {}
@@ -126,7 +128,12 @@ def build_criterion(cfg: TrainJobConfig, arch: str = "M5") -> tuple[MixedLoss, L
                 options[name]["m"] = cfg.loss.margin
     if "margin" in schedule.names:
         options["margin"] = {"s": cfg.loss.margin_scale}
-    return MixedLoss({n: 1.0 for n in schedule.names}, options or None), schedule
+    mix = MixedLoss({n: 1.0 for n in schedule.names}, options or None)
+    o = cfg.openset
+    if o.noise == "none":
+        return mix, schedule
+    scale = cfg.loss.margin_scale if arch in COSINE_HEADS else 1.0
+    return OpenSetLoss(mix, o.noise, o.uir_weight, o.uir_start, scale), schedule
 
 
 def input_columns(arch: str) -> tuple[str, ...]:
@@ -201,8 +208,7 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
         for b in shard.iter_batches(batch_size=2048, batch_format="numpy"):
             args = [torch.from_numpy(np.asarray(b[c])).to(device, COLUMN_DTYPES[c])
                     for c in columns]
-            scale = float(getattr(unwrap_model(model), "logit_scale", 1.0))
-            scores = torch.sigmoid(scale * model(*args).float()).cpu().numpy()
+            scores = unwrap_model(model).score(model(*args)).cpu().numpy()
             idx = np.arange(n, n + len(scores), dtype=np.int64) * world + rank  # globally unique
             topk.update(idx, scores)
             index.append(idx), labels.append(b["y"])
@@ -312,6 +318,8 @@ def train_loop_per_worker(config: dict) -> None:
             lr = lrs.lr_at(min(step, plan.total_steps - 1), plan.total_steps)
             apply(opt, lr)
             criterion.set_weights(loss_schedule.at(min(step / plan.total_steps, 1.0)))
+            if isinstance(criterion, OpenSetLoss):
+                criterion.set_progress(min(step / plan.total_steps, 1.0))
             loss_d = train_step(model, opt, criterion, tuple(batch[c] for c in columns),
                                 batch["y"], bf16)
             step += 1

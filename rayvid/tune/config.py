@@ -235,8 +235,12 @@ def decode_params(cfg: TuneJobConfig, params: Mapping[str, Any]) -> dict[str, An
 
 def trial_config(cfg: TuneJobConfig, params: Mapping[str, Any],
                  with_resources: bool = True) -> TrainJobConfig:
-    """The TrainJobConfig a trial trains (ConfigError on a bad value or combination)."""
+    """The TrainJobConfig a trial trains (ConfigError on a bad value or combination).
+    A sweep over `openset.noise` scores every trial's held-out fold with the same val
+    noise clips (`openset.score_noise`), so trials with and without noise compare."""
     values = decode_params(cfg, params)
+    if "openset.noise" in cfg.distributions:
+        values["openset.score_noise"] = True
     if with_resources:
         s = cfg.search
         values.update({"train.cpus_per_worker": s.cpus_per_trial,
