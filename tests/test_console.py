@@ -235,10 +235,11 @@ def test_train_smoke_console_is_rayvids_own(tmp_path):
            if k not in ("RAY_DATA_LOG_LEVEL", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_AUTH_MODE")}
     env["RAY_ADDRESS"] = "local"  # never attach to another Ray running on this machine
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    # a mixed ensemble (issue 12): each member is fed its own input kind, in one run
+    # a mixed ensemble (issue 12): each member is fed its own input kind, in one run; with
+    # the open-set recipe (issue 13): val's noise trains as class 0, its unseen part scores
     run = subprocess.run(
         [sys.executable, "jobs/train.py", "--smoke-test", "--out", str(tmp_path / "run"),
-         "--set", "model.archs=[M5,attention,multimodal]"],
+         "--set", "model.archs=[M5,attention,multimodal]", "--set", "openset.noise=class"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=1400)
     text = run.stdout
@@ -247,14 +248,23 @@ def test_train_smoke_console_is_rayvids_own(tmp_path):
     found += [line for line in text.splitlines()
               if "core_worker.cc" in line and KNOWN_DRIVER_LINE not in line]
     assert not found, f"{found} in the console:\n{text[-8000:]}"
-    assert "== rayvid training summary ==" in text and "val mAP (ensemble of 3)" in text
+    assert "== rayvid training summary ==" in text
+    assert "val (unseen part) mAP (ensemble of 3)" in text
+    noise = [int(n) for n in re.findall(r"\[fold 0 \S+\] \d+ training clips \((\d+) noise\)", text)]
+    assert len(noise) == 3 and min(noise) > 0, text[-4000:]
     # rayvid's own progress, from the driver: each epoch of the fold, then the bar's last line
     for arch in ("M5", "attention", "multimodal"):
         epochs = re.findall(rf"\[fold 0 {arch}\] epoch (\d+)/(\d+) loss \S+ fold mAP", text)
         assert epochs and [int(e) for e, _ in epochs] == list(range(1, int(epochs[0][1]) + 1))
         assert re.search(rf"fold 0 {arch} (\d+)/\1 step", text), text[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert 0.0 < summary["eval"]["map"] <= 1.0
+    assert 0.0 < summary["eval"]["map"] <= 1.0 and summary["eval"]["part"] == "unseen"
+    # the attention member (a cosine head) makes every member calibrated (model.calibrate auto)
+    for fold in summary["folds"]:
+        assert fold["calibration"]["a"] > 0, fold["arch"]
+    n_val = json.loads((tmp_path / "run" / "dataset" / "_rayvid_dataset.json").read_text()
+                       )["splits"]["val"]["clips"]
+    assert summary["eval"]["clips"] < n_val
     # the person-search index of the same mixed run, through its job: every val clip is
     # scored, the faceless ones too (the multimodal member answers for them)
     index = subprocess.run(
@@ -265,5 +275,4 @@ def test_train_smoke_console_is_rayvids_own(tmp_path):
     assert index.returncode == 0, index.stdout[-6000:]
     from rayvid.infer.person_index import read_manifest
 
-    assert read_manifest(tmp_path / "index")["sources"][0]["clips"] == \
-        summary["eval"]["clips"]
+    assert read_manifest(tmp_path / "index")["sources"][0]["clips"] == n_val

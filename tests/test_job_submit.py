@@ -380,20 +380,26 @@ def test_train_smoke_test_job(head: LocalHead, tmp_path: Path):
 
     The out dir is an absolute local path, a stand-in for shared storage on a cluster;
     the job simulates its own data, so nothing but the repo goes through `--working-dir`.
+    The recipe is a margin head with the UIR open-set loss (issue 13): `cosine_mlp` with
+    CosFace, val's noise pushed towards uniform, the member calibrated.
     """
     run_dir = tmp_path / "run"
-    entry = ["python", "jobs/train.py", "--smoke-test", "--out", str(run_dir)]
+    entry = ["python", "jobs/train.py", "--smoke-test", "--out", str(run_dir),
+             "--set", "model.archs=[cosine_mlp]", "--set", "loss.cosine_stages=cosface",
+             "--set", "openset.noise=uir"]
     t0 = time.monotonic()
     job_id, res = submit(head, entry, timeout_s=1200)
     print(f"job took {time.monotonic() - t0:.0f}s; its output ends:\n{res.stdout[-3000:]}")
     assert res.returncode == 0, _explain(res, head)
     assert job_status(head, job_id) == "SUCCEEDED"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["members"] >= 1
+    assert summary["members"] >= 1 and summary["eval"]["part"] == "unseen"
+    assert summary["config"]["loss"]["cosine_stages"][0]["weights"] == {"cosface": 1.0}
     # ensemble.json lists checkpoint directories relative to the run folder (design.md §4).
     members = json.loads((run_dir / "ensemble.json").read_text())["members"]
     assert members
     for member in members:
         ckpt = run_dir / member["path"]
         assert (ckpt / "model.pt").is_file(), ckpt
-        assert (ckpt / "model_config.json").is_file(), ckpt
+        config = json.loads((ckpt / "model_config.json").read_text())
+        assert config["arch"] == "cosine_mlp" and config["extra"]["calibration"]["a"] > 0
