@@ -87,8 +87,10 @@ def test_training_writes_the_keys_runs_have_always_had(tmp_path):
     assert path == tmp_path / ENSEMBLE_FILE
     written = json.loads(path.read_text())
     # the legacy keys, unchanged (prototype: weight 1.0 x 2 MLP members), plus the inputs
-    # the members read (clip vectors only: what a file without the key means)
+    # the members read (clip vectors only: what a file without the key means) and the
+    # clips they trained on (issue 13)
     assert written.pop("inputs")["kinds"] == ["clip_vector"]
+    assert written.pop("trained_on") == {"splits": ["train"], "openset": "none"}
     assert written == LEGACY
     assert read_ensemble(tmp_path).input_spec().kinds == ("clip_vector",)
 

@@ -322,7 +322,7 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
                   top_k_clip: int = 5, top_k_identity: int = MAX_RANK, batch_size: int = 4096,
                   num_actors: int | None = None, use_gpu: bool | None = None,
                   gt_path: str | os.PathLike | None = None, part: str | None = None,
-                  unseen_fraction: float = 0.5) -> dict[str, Any]:
+                  unseen_fraction: float | None = None) -> dict[str, Any]:
     """Predict `split` of a prepared dataset with the run's ensemble; write the submission.
 
     out_path: the submission (top `top_k_identity` clips per identity, ids ascending).
@@ -330,8 +330,9 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
     use_gpu / num_actors: default from `ray.cluster_resources()` (one actor per GPU).
     gt_path: score the submission (default for val: the release's val_gt.txt, if found).
     part: predict (and score) only the "seen" or "unseen" part of val
-        (`rayvid.release.strat.unseen_mask` with `unseen_fraction`): the honest score of a
-        run whose open-set recipe trained on val's other part.
+        (`rayvid.release.strat.unseen_mask` with `unseen_fraction`, default the run's own
+        from `ensemble.json` `trained_on`, else 0.5): the honest score of a run whose
+        open-set recipe trained on val's other part.
     Returns a summary dict (clips, not_ok, seconds, clips_per_s, paths, map if scored).
     Raises PredictError for a missing or malformed input, before anything runs.
     """
@@ -341,6 +342,14 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
     spec = read_run(run_dir)
     meta = check_split(dataset_dir, split)
     gt = find_gt(meta, split, gt_path)
+    trained = spec.ensemble.extra.get("trained_on") or {}
+    if unseen_fraction is None:
+        unseen_fraction = float(trained.get("unseen_fraction", 0.5))
+    if split in trained.get("splits", ()) and part != "unseen":
+        log.warning("run %s trained on clips of %s (%s): its %s mAP is not an honest score%s",
+                    run_dir, split, trained, "seen part's" if part else "whole split's",
+                    "; predict part=unseen (jobs/predict.py --part unseen)"
+                    if "unseen_fraction" in trained else "")
     use_gpu, num_actors = resources(use_gpu, num_actors)
     log.info("predict %s/%s with %d members (C=%d) on %d %s actor(s), weighting %s", dataset_dir,
              split, spec.members, spec.num_classes, num_actors, "GPU" if use_gpu else "CPU",

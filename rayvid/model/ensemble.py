@@ -94,7 +94,7 @@ class Ensemble:
 
     def scores(self, x: np.ndarray | Mapping[str, np.ndarray], mask: np.ndarray | None = None,
                weights: Sequence[float] | None = None) -> np.ndarray:
-        """Blend of the members' scores (`RayvidModel.score`: `sigmoid(logit_scale * output
+        """Blend of the members' scores (`RayvidModel.score_outputs`: `sigmoid(logit_scale * output
         + logit_bias)`, calibrated for cosine heads), `(n, C) float32`.
 
         x: the inputs as `rayvid.core.inputs.build` returns them (`x`, `faces` +
@@ -140,7 +140,7 @@ class Ensemble:
                     use = torch.from_numpy(usable[kind][lo:hi]).to(self.device)[:, None].float()
                     args = [cols[c].float() if cols[c].dtype == torch.float16 else cols[c]
                             for c in COLUMNS[kind]]
-                    total += (w * use) * m.score(m(*args))
+                    total += (w * use) * m.score_outputs(m(*args))
                 out[lo:hi] = total.cpu().numpy()
         return out, used
 

@@ -41,7 +41,7 @@ class RayvidModel(nn.Module):
     logit_scale: float = 1.0
     logit_bias: float = 0.0  # with logit_scale: a score calibration (`rayvid.model.calibration`)
 
-    def score(self, output: torch.Tensor) -> torch.Tensor:
+    def score_outputs(self, output: torch.Tensor) -> torch.Tensor:
         """The member's score of its raw outputs: `sigmoid(logit_scale * output + logit_bias)`,
         what ensembles blend and fold evaluation ranks."""
         return torch.sigmoid(self.logit_scale * output.float() + self.logit_bias)

@@ -294,9 +294,19 @@ def write_ensemble(cfg: TrainJobConfig, run_dir: str | Path, results: list[dict]
     kinds = {input_kind_of(r["arch"]) for r in results}
     if prototype is not None:
         kinds.add("clip_vector")
-    spec = run_folder.EnsembleSpec(tuple(members), cfg.fusion.weighting, num_classes,
-                                   {"inputs": input_spec(cfg, kinds, dims).to_json()})
+    extra = {"inputs": input_spec(cfg, kinds, dims).to_json(), "trained_on": trained_on(cfg)}
+    spec = run_folder.EnsembleSpec(tuple(members), cfg.fusion.weighting, num_classes, extra)
     return run_folder.write_ensemble(run_dir, spec)
+
+
+def trained_on(cfg: TrainJobConfig) -> dict:
+    """What `ensemble.json` records of the clips the members trained on: the folded splits
+    and, when val is one, the unseen part that stayed out (prediction warns when a split
+    the run trained on is scored whole)."""
+    out: dict = {"splits": list(cfg.fold_splits), "openset": cfg.openset.noise}
+    if cfg.val_folded and cfg.openset.unseen > 0:
+        out["unseen_fraction"] = cfg.openset.unseen
+    return out
 
 
 def input_spec(cfg: TrainJobConfig, kinds, dims: tuple[int, int, int]) -> InputSpec:

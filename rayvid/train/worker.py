@@ -208,7 +208,7 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
         for b in shard.iter_batches(batch_size=2048, batch_format="numpy"):
             args = [torch.from_numpy(np.asarray(b[c])).to(device, COLUMN_DTYPES[c])
                     for c in columns]
-            scores = unwrap_model(model).score(model(*args)).cpu().numpy()
+            scores = unwrap_model(model).score_outputs(model(*args)).cpu().numpy()
             idx = np.arange(n, n + len(scores), dtype=np.int64) * world + rank  # globally unique
             topk.update(idx, scores)
             index.append(idx), labels.append(b["y"])
