@@ -33,6 +33,10 @@ class DataSection(Config):
     simulate_seed: int = 0
     simulate_faces_per_clip: float = Field(12.0, gt=0)
     eval_split: Literal["val", "test"] = "val"  # predicted and scored at the end (val has a gt)
+    # how the end-of-run prediction scores a clip: "qff" (one fused vector per clip, the 4th
+    # place's) or "vote" (each face scored, the scores averaged: per-frame voting, the
+    # baseline qFF is measured against; face-set and multimodal members keep their inputs)
+    eval_fusion: Literal["qff", "vote"] = "qff"
 
     @model_validator(mode="after")
     def _check(self) -> "DataSection":
