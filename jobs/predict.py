@@ -1,7 +1,8 @@
 """Batch prediction: a split of a prepared dataset -> the official submission (`rayvid.infer.predict`).
 
     python jobs/predict.py --run runs/exp1 --dataset data/iqiyi-ds --split test \
-        --out out/submission.txt [--per-clip out/test_top5.parquet] [--gt val_gt.txt]
+        --out out/submission.txt [--per-clip out/test_top5.parquet] [--gt val_gt.txt] \
+        [--fusion vote]
     python jobs/predict.py --config predict.yaml --set split=val   # keys: rayvid/infer/config.py
 
 Attaches to the Ray cluster of `RAY_ADDRESS` / `ray start` (as under `ray job submit`), else
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gt", default=S, help="val_gt.txt-format file to score the submission against")
     parser.add_argument("--num-actors", type=int, default=S, help="scoring actors (default: one per GPU)")
     parser.add_argument("--batch-size", type=int, default=S, help="clips per scoring batch (4096)")
+    parser.add_argument("--fusion", default=S, choices=predict.FUSIONS,
+                        help="qff: one fused feature per clip (default); vote: the clip-vector "
+                             "members score every face and average (per-frame voting)")
+    parser.add_argument("--part", default=S, choices=["seen", "unseen"],
+                        help="val only: predict and score this part (unseen: the clips an "
+                             "open-set run never trained on)")
     args = parser.parse_args(argv)
     setup_console()
     if (cfg := cli.job_config("predict", PredictJobConfig, args)) is None:
@@ -49,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = predict.predict_split(
             cfg.run, cfg.dataset, cfg.split, cfg.out, per_clip_path=cfg.per_clip,
             top_k_clip=cfg.top_k_clip, batch_size=cfg.batch_size, num_actors=cfg.num_actors,
-            gt_path=cfg.gt)
+            gt_path=cfg.gt, fusion=cfg.fusion, part=cfg.part,
+            unseen_fraction=cfg.unseen_fraction)
     except (predict.PredictError, OSError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
-    print(f"predicted {summary['clips']} clips ({summary['not_ok']} without a usable face) at "
+    print(f"predicted {summary['clips']} clips ({summary['not_ok']} without a usable face, "
+          f"{summary['fusion']}) at "
           f"{summary['clips_per_s']:.0f} clips/s -> {summary['submission']}"
           + (f", {summary['per_clip']}" if summary["per_clip"] else "")
           + (f"; mAP {summary['map']:.4f}" if "map" in summary else ""))

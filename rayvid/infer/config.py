@@ -16,6 +16,7 @@ from pydantic import Field
 from rayvid.config import CONFIG_DIR, Config
 from rayvid.core.metrics import NUM_IDENTITIES
 from rayvid.infer.person_index import DEFAULT_K
+from rayvid.infer.predict import Fusion
 
 
 class PredictJobConfig(Config):
@@ -30,6 +31,11 @@ class PredictJobConfig(Config):
     gt: str | None = None  # val_gt.txt-format file to score the submission against
     num_actors: int | None = Field(None, ge=1)  # scoring actors (None: one per GPU)
     batch_size: int = Field(4096, ge=1)  # clips per scoring batch
+    fusion: Fusion = "qff"  # vote: clip-vector members score every face, averaged
+    # score only this part of val (`rayvid.release.strat.unseen_mask`): "unseen" is the
+    # honest score of a run whose open-set recipe trained on the other part
+    part: Literal["seen", "unseen"] | None = None
+    unseen_fraction: float | None = Field(None, gt=0.0, lt=1.0)  # None: the run's own
 
 
 class IndexJobConfig(Config):

@@ -13,7 +13,13 @@ into a running `TopKPerIdentity` and never holds an (n_clips, C) score matrix. R
 `rayvid.core.metrics.rank_keys` everywhere: float32 score descending, ties by the lower clip
 index, where the index is the clip's row in the per-clip Parquet (stream order).
 
-Job: `python jobs/predict.py --run RUN --dataset DATASET --split test --out SUBMISSION`.
+`fusion="vote"` (the baseline qFF replaced, `rayvid.infer.vote`): the clip-vector members
+score every face and average per clip; the other kinds keep their inputs. `VoteScorer`
+actors then read the raw Parquet batches (the same `ClipTransform` rows and inputs, plus
+the flat faces) and return the same `SCORED_SCHEMA` tables; the rest is unchanged.
+
+Job: `python jobs/predict.py --run RUN --dataset DATASET --split test --out SUBMISSION`
+(`--fusion vote` for voting).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +55,10 @@ PER_CLIP_SCHEMA = pa.schema([("clip", pa.string()), ("ok", pa.bool_()),
                              ("top_ids", _LIST_I32), ("top_scores", _LIST_F32)])
 SCORED_SCHEMA = pa.schema(list(PER_CLIP_SCHEMA) + [("cand_ids", _LIST_I32),
                                                    ("cand_scores", _LIST_F32)])
+# How a clip-vector member sees a clip: "qff" one fused feature (the 4th place's method),
+# "vote" every face, scores averaged (the baseline they compared it with).
+Fusion = Literal["qff", "vote"]
+FUSIONS: tuple[str, ...] = get_args(Fusion)
 
 
 class PredictError(ValueError):
@@ -186,6 +196,13 @@ def check_split(dataset_dir: str | os.PathLike, split: str) -> dict[str, Any]:
     return meta
 
 
+def check_fusion(fusion: str) -> str:
+    """`fusion`, checked: one of `FUSIONS`."""
+    if fusion not in FUSIONS:
+        raise PredictError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    return fusion
+
+
 def find_gt(meta: dict[str, Any], split: str, gt_path: str | os.PathLike | None) -> Path | None:
     """The gt file to score against, checked: `gt_path`, else for split val the release's
     `val_gt.txt` when it is still at the dataset meta's `source`."""
@@ -236,18 +253,75 @@ class EnsembleScorer:
         return score_table(batch["clip"], ok, scores, self.top_k_clip, self.top_k_identity)
 
 
+class VoteScorer(EnsembleScorer):
+    """Ray Data actor UDF for `fusion="vote"`: per-frame voting (`rayvid.infer.vote`).
+
+    In: a raw pyarrow batch of the dataset (`transform.columns()`); `transform` (the
+    `ClipTransform` of qFF mode) keeps its rows (`select_rows`) and builds the non-voting
+    members' inputs and `ok` (`rayvid.core.inputs.build`, as its `__call__` does), and
+    the voting members see the batch's faces. Out: a `SCORED_SCHEMA` table, as
+    `EnsembleScorer`; `ok` is the same rule on the same inputs (`answerable`), so both
+    modes report the same clips as unknown.
+    """
+
+    def __init__(self, run_dir: str, top_k_clip: int, top_k_identity: int, use_gpu: bool,
+                 transform: data.ClipTransform):
+        from rayvid.infer.vote import VotingEnsemble
+
+        super().__init__(run_dir, top_k_clip, top_k_identity, use_gpu)
+        self.transform, self.voting = transform, VotingEnsemble(self.ensemble)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:  # type: ignore[override]
+        from rayvid.core.inputs import answerable, build
+
+        batch = self.transform.select_rows(batch)
+        if batch.num_rows == 0:
+            return SCORED_SCHEMA.empty_table()
+        parts = self.transform.parts(batch)
+        built = build(parts, self.transform.spec)
+        scores = self.voting.scores(built, parts.faces)
+        ok = answerable(self.ensemble.input_kinds, built)
+        clips = batch.column("clip").to_numpy(zero_copy_only=False)
+        return score_table(clips, ok, scores, self.top_k_clip, self.top_k_identity)
+
+
+def _vote_dataset(spec: RunSpec, dataset_dir: str | os.PathLike, split: str,
+                  transform: data.ClipTransform, *, top_k_clip: int, top_k_identity: int,
+                  batch_size: int, num_actors: int, use_gpu: bool):
+    """`scored_dataset` for fusion "vote": the actors read the Parquet columns themselves
+    (the faces, which `transform` would fuse away)."""
+    import ray.data
+
+    ds = ray.data.read_parquet(data.split_paths(dataset_dir, [split])).select_columns(
+        transform.columns())
+    ds = ds.map_batches(
+        VoteScorer, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
+        fn_constructor_args=(str(spec.run_dir), top_k_clip, top_k_identity, use_gpu, transform),
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=1)
+    ds.context.execution_options.preserve_order = True  # deterministic clip index -> ties
+    return ds
+
+
 def scored_dataset(spec: RunSpec, dataset_dir: str | os.PathLike, split: str, *,
                    top_k_clip: int, top_k_identity: int, batch_size: int, num_actors: int,
-                   use_gpu: bool, part: str | None = None, unseen_fraction: float = 0.5):
+                   use_gpu: bool, fusion: str = "qff", part: str | None = None,
+                   unseen_fraction: float = 0.5):
     """The lazy Ray Dataset of scored clips, in dataset order (`SCORED_SCHEMA` blocks).
+    fusion: "qff" (default) or "vote" (see the module docstring).
     part: "seen" / "unseen" keeps that part of val's clips (`ClipTransform.val_part`)."""
     import ray.data
 
+    check_fusion(fusion)
     inputs = spec.ensemble.input_spec()
     transform = data.ClipTransform(mode="qff", weighting=spec.weighting, with_clip=True,
                                    kinds=inputs.kinds, face_set_size=inputs.face_set_size,
                                    modalities=inputs.modalities, dims=inputs.dims,
                                    val_part=part, unseen_fraction=unseen_fraction)
+    if fusion == "vote":
+        return _vote_dataset(spec, dataset_dir, split, transform, top_k_clip=top_k_clip,
+                             top_k_identity=top_k_identity, batch_size=batch_size,
+                             num_actors=num_actors, use_gpu=use_gpu)
     ds = data.clip_dataset(dataset_dir, [split], transform, batch_size=batch_size)
     ds = ds.map_batches(
         EnsembleScorer, batch_format="numpy", batch_size=batch_size,
@@ -321,21 +395,26 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
                   out_path: str | os.PathLike, *, per_clip_path: str | os.PathLike | None = None,
                   top_k_clip: int = 5, top_k_identity: int = MAX_RANK, batch_size: int = 4096,
                   num_actors: int | None = None, use_gpu: bool | None = None,
-                  gt_path: str | os.PathLike | None = None, part: str | None = None,
-                  unseen_fraction: float | None = None) -> dict[str, Any]:
+                  gt_path: str | os.PathLike | None = None, fusion: str = "qff",
+                  part: str | None = None, unseen_fraction: float | None = None
+                  ) -> dict[str, Any]:
     """Predict `split` of a prepared dataset with the run's ensemble; write the submission.
 
     out_path: the submission (top `top_k_identity` clips per identity, ids ascending).
     per_clip_path: optional Parquet with clip, ok, top_ids (k,) int32, top_scores (k,) float32.
     use_gpu / num_actors: default from `ray.cluster_resources()` (one actor per GPU).
     gt_path: score the submission (default for val: the release's val_gt.txt, if found).
+    fusion: "qff" (one fused feature per clip) or "vote" (clip-vector members score every
+        face and average; `rayvid.infer.vote`).
     part: predict (and score) only the "seen" or "unseen" part of val
         (`rayvid.release.strat.unseen_mask` with `unseen_fraction`, default the run's own
         from `ensemble.json` `trained_on`, else 0.5): the honest score of a run whose
         open-set recipe trained on val's other part.
-    Returns a summary dict (clips, not_ok, seconds, clips_per_s, paths, map if scored).
+    Returns a summary dict (clips, not_ok, seconds, clips_per_s, paths, fusion, part, map if
+    scored).
     Raises PredictError for a missing or malformed input, before anything runs.
     """
+    check_fusion(fusion)
     if part is not None and (split != "val" or part not in ("seen", "unseen")):
         raise PredictError(f"part {part!r} of split {split!r}: only val has a seen and an "
                            "unseen part")
@@ -354,9 +433,11 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
     log.info("predict %s/%s with %d members (C=%d) on %d %s actor(s), weighting %s", dataset_dir,
              split, spec.members, spec.num_classes, num_actors, "GPU" if use_gpu else "CPU",
              spec.weighting)
+    if fusion == "vote":
+        log.info("predict: per-frame voting: clip-vector members score every face")
     ds = scored_dataset(spec, dataset_dir, split, top_k_clip=top_k_clip,
                         top_k_identity=top_k_identity, batch_size=batch_size,
-                        num_actors=num_actors, use_gpu=use_gpu, part=part,
+                        num_actors=num_actors, use_gpu=use_gpu, fusion=fusion, part=part,
                         unseen_fraction=unseen_fraction)
     acc, t0 = TopKPerIdentity(spec.num_classes, top_k_identity), time.perf_counter()
     with _atomic_parquet(per_clip_path, PER_CLIP_SCHEMA) as writer:
@@ -370,7 +451,7 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
                "submission": str(out_path), "per_clip": str(per_clip_path) if per_clip_path else None,
                "num_classes": spec.num_classes, "members": spec.members, "num_actors": num_actors,
                "use_gpu": use_gpu, "weighting": asdict(spec.weighting), "gt": str(gt) if gt else None,
-               "part": part}
+               "fusion": fusion, "part": part}
     if part is not None:
         summary["unseen_fraction"] = unseen_fraction
     if gt is not None:

@@ -74,7 +74,8 @@ def run_training(cfg: TrainJobConfig, run_dir: str | Path) -> dict:
                     "mAP is not an honest measurement", split, list(cfg.fold_splits))
     pred = predict_split(run_dir, dataset, split, run_dir / f"submission_{split}.txt",
                          per_clip_path=run_dir / f"per_clip_{split}.parquet", gt_path=gt,
-                         part=part, unseen_fraction=cfg.openset.unseen)
+                         part=part, unseen_fraction=cfg.openset.unseen,
+                         fusion=cfg.data.eval_fusion)
     base = None
     if gt is not None and split in ("val", "test") and (split not in cfg.fold_splits or part):
         base = baseline.baseline_map(str(dataset), cfg.fold_splits, split,
@@ -85,7 +86,8 @@ def run_training(cfg: TrainJobConfig, run_dir: str | Path) -> dict:
         "run_dir": str(run_dir), "dataset": str(dataset), "config": to_dict(cfg),
         "folds": [{k: v for k, v in r.items() if k != "plan"} for r in results],
         "members": len(results),
-        "eval": {"split": split, "part": part, "map": pred.get("map"),
+        "eval": {"split": split, "part": part, "fusion": pred.get("fusion"),
+                 "map": pred.get("map"),
                  "gt": str(gt) if gt else None, "clips": pred.get("clips"),
                  "honest": split not in cfg.fold_splits or part is not None},
         "baseline_map": base, "seconds": round(time.perf_counter() - t0, 1),
