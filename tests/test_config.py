@@ -176,6 +176,17 @@ def test_smoke_file_loads_for_every_job_that_has_a_smoke_test():
 
 def test_example_configs_load():
     assert load_tune_config(ROOT / "configs" / "tune.yaml").search.num_samples == 16
+    # issue 13's sweeps: the open-set recipe on an M5, the margin head's loss
+    from rayvid.tune.config import trial_config
+
+    openset = load_tune_config(ROOT / "configs" / "tune_openset.yaml")
+    assert set(openset.distributions) >= {"openset.noise", "openset.uir_weight"}
+    trial = trial_config(openset, {"openset.noise": "uir", "openset.uir_weight": 0.5})
+    assert trial.openset.score_noise and trial.fold_splits == ("train", "val")
+    margin = load_tune_config(ROOT / "configs" / "tune_margin.yaml")
+    assert margin.search.arch == "cosine_mlp" and "loss.margin" in margin.distributions
+    cos = trial_config(margin, {"loss.cosine_stages": "cosface", "loss.margin": 0.2})
+    assert cos.loss.cosine_stages[0].weights == {"cosface": 1.0} and cos.loss.margin == 0.2
     serve = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     app = serve["applications"][0]
     args = AppArgs.model_validate(app["args"])
