@@ -195,7 +195,8 @@ def test_smoke_sweep_records_failing_trials_writes_outputs_and_resumes(ray_local
     assert info["best"]["fold_map"] == pytest.approx(top["best_fold_map"])
     assert info["defaults"]["fold_map"] == pytest.approx(
         table.loc[table["defaults"], "best_fold_map"].item())
-    assert best == with_values(cfg.base, info["best"]["values"])  # base resources, not trial's
+    # base resources, not the trial's; score_noise as every trial of an openset.noise sweep
+    assert best == with_values(cfg.base, {**info["best"]["values"], "openset.score_noise": True})
     assert best.train == cfg.base.train and best.model.archs == ("multimodal",)
     assert "inputs.modality_dropout" in table.columns
     assert set(ok["openset.noise"]) <= {"class", "uir", "both"}
