@@ -51,6 +51,9 @@ ROWS = {
     "M5_class": ("  + noise class (class 0, 4th place)", ["M5"], ["openset.noise=class"]),
     "M5_uir": ("  + UIR (iQIYI)", ["M5"], ["openset.noise=uir"]),
     "M5_both": ("  + noise class and UIR", ["M5"], ["openset.noise=both"]),
+    "M5_uir01": ("  + UIR, weight 0.1", ["M5"], ["openset.noise=uir", "openset.uir_weight=0.1"]),
+    "M5_class_val": ("  + noise class, all of val's seen part (4th place)", ["M5"],
+                     ["openset.noise=class", "openset.source=val"]),
     "cos_arc": ("cosine_mlp, ArcFace (s 30, m 0.5)", ["cosine_mlp"],
                 [SCORE_NOISE, "loss.cosine_stages=arcface"]),
     "cos_cos": ("cosine_mlp, CosFace (s 30, m 0.35)", ["cosine_mlp"],
@@ -61,6 +64,10 @@ ROWS = {
     "mm_class": ("  + noise class", ["multimodal"], ["openset.noise=class"]),
     "mm_uir": ("  + UIR", ["multimodal"], ["openset.noise=uir"]),
     "mm_both": ("  + noise class and UIR", ["multimodal"], ["openset.noise=both"]),
+    "mm_val": ("  + val's labelled seen part, no noise", ["multimodal"],
+               ["folds.splits=[train,val]", SCORE_NOISE]),
+    "mm_class_val": ("  + val's seen part with noise as class 0 (4th place)", ["multimodal"],
+                     ["openset.noise=class", "openset.source=val"]),
 }
 # name -> (label, [(run, calibrated?)])
 MIXES = {

@@ -122,7 +122,7 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
         result = trainer.fit()
     calibration = calibrate_member(cfg, out / "best", arch, heldout) \
         if (out / "best").exists() else None
-    return _finish(out, plan, result, time.perf_counter() - t0, calibration)
+    return _finish(out, plan, result, time.perf_counter() - t0, calibration, counts["noise"])
 
 
 def calibrates(cfg: TrainJobConfig, arch: str) -> bool:
@@ -215,7 +215,7 @@ class FoldWatch:
 
 
 def _finish(out: Path, plan: FoldPlan, result, seconds: float,
-            calibration: dict | None = None) -> dict:
+            calibration: dict | None = None, noise_clips: int = 0) -> dict:
     state = _final_state(result)
     history = state.get("history", [])
     if not (out / "best").exists():
@@ -223,7 +223,8 @@ def _finish(out: Path, plan: FoldPlan, result, seconds: float,
     summary = {"fold": plan.fold, "arch": plan.arch, "best": str(out / "best"),
                "best_map": max((h["fold_map"] for h in history), default=None),
                "seconds": round(seconds, 1), "plan": dataclasses.asdict(plan),
-               "restores": state.get("restores", []), "history": history}
+               "restores": state.get("restores", []), "history": history,
+               "noise_clips": noise_clips}
     if calibration is not None:
         summary["calibration"] = calibration
     write_json(out / RESULT_FILE, summary)
