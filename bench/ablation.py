@@ -48,7 +48,7 @@ def run_row(name: str, overrides: list[str], args, work: Path) -> dict:
     from rayvid.train.job import run_training
 
     run_dir = work / name
-    sets = [f"data.dataset={args.dataset}", "folds.run=[0]", *overrides, *args.set]
+    sets = ["openset.noise=none", f"data.dataset={args.dataset}", "folds.run=[0]", *overrides, *args.set]
     cfg = load_config(TrainJobConfig, None, sets)
     if name == "ensemble5":  # fold 0 is the default row's: reuse it rather than retrain
         src, dst = work / "default" / "folds" / "0", run_dir / "folds" / "0"

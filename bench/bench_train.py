@@ -92,7 +92,7 @@ def main() -> int:
 
     num_classes = read_meta(ds)["num_classes"]
     cfg = load_config(TrainJobConfig, None, [
-        f"data.dataset={ds}", "folds.run=[0]", f"optim.min_steps={args.steps}",
+        "openset.noise=none", f"data.dataset={ds}", "folds.run=[0]", f"optim.min_steps={args.steps}",
         f"optim.max_steps={args.steps}", f"train.epochs={args.epochs}",
         f"train.num_workers={args.num_workers}", f"train.use_gpu={str(args.use_gpu).lower()}",
         *args.set])

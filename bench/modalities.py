@@ -64,7 +64,7 @@ def train_row(name: str, folds: list[int], args, work: Path) -> dict:
         if src.exists() and not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src, dst)
-    sets = [f"data.dataset={args.dataset}", f"folds.run={folds}",
+    sets = ["openset.noise=none", f"data.dataset={args.dataset}", f"folds.run={folds}",
             f"model.archs=[{','.join(archs)}]", *overrides, *args.set]
     cfg = load_config(TrainJobConfig, None, sets)
     summary_path = run_dir / "summary.json"

@@ -285,14 +285,16 @@ def test_each_head_gets_its_own_loss_mix():
 
 
 @pytest.mark.parametrize("items, splits, rows, part", [
-    ([], ("train",), {"noise": False}, None),
-    (["openset.noise=uir"], ("train", "val"),
+    (["openset.noise=none"], ("train",), {"noise": False}, None),
+    ([], ("train", "val"),  # the default: the 4th place's train+val, noise as class 0
+     {"noise": True, "val_part": "seen", "unseen_fraction": 0.5, "val_labels": "all"}, "unseen"),
+    (["openset.noise=uir", "openset.source=val_noise"], ("train", "val"),
      {"noise": True, "val_part": "seen", "unseen_fraction": 0.5, "val_labels": "noise"}, "unseen"),
     (["openset.noise=class", "openset.source=val", "openset.unseen=0.3"], ("train", "val"),
      {"noise": True, "val_part": "seen", "unseen_fraction": 0.3, "val_labels": "all"}, "unseen"),
-    (["openset.score_noise=true"], ("train", "val"),
+    (["openset.noise=none", "openset.score_noise=true"], ("train", "val"),
      {"noise": False, "val_part": "seen", "unseen_fraction": 0.5, "val_labels": "noise"}, "unseen"),
-    (["folds.splits=[train,val]", "openset.unseen=0"], ("train", "val"),
+    (["folds.splits=[train,val]", "openset.unseen=0", "openset.noise=none"], ("train", "val"),
      {"noise": False, "val_part": None, "unseen_fraction": 0.0, "val_labels": "all"}, None),
 ])
 def test_open_set_recipe_decides_the_folded_clips_and_the_honest_part(items, splits, rows, part):
@@ -318,7 +320,7 @@ def test_open_set_recipe_wraps_the_heads_loss():
     from rayvid.model.losses import MixedLoss, OpenSetLoss
     from rayvid.train.worker import build_criterion
 
-    plain = load_config(TrainJobConfig, None, [])
+    plain = load_config(TrainJobConfig, None, ["openset.noise=none"])
     assert isinstance(build_criterion(plain, "M5")[0], MixedLoss)
     cfg = load_config(TrainJobConfig, None, ["openset.noise=both", "openset.uir_weight=0.3",
                                              "openset.uir_start=0.2", "loss.margin_scale=16"])

@@ -82,7 +82,8 @@ def test_training_writes_the_keys_runs_have_always_had(tmp_path):
                 "best_map": 0.81},
                {"best": str(tmp_path / "folds/1/M5/best"), "fold": 1, "arch": "M5",
                 "best_map": None}]
-    cfg = TrainJobConfig.model_validate({"model": {"prototype_weight": 1.0}})
+    cfg = TrainJobConfig.model_validate({"model": {"prototype_weight": 1.0},
+                                         "openset": {"noise": "none"}})
     path = train_write_ensemble(cfg, tmp_path, results, 41, tmp_path / "prototype")
     assert path == tmp_path / ENSEMBLE_FILE
     written = json.loads(path.read_text())

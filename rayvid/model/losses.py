@@ -218,6 +218,11 @@ class OpenSetLoss(nn.Module):
         self.lam, self.start, self.scale = float(lam), float(start), float(scale)
         self.progress = 0.0
 
+    @property
+    def losses(self) -> nn.ModuleDict:
+        """The wrapped mix's named losses, so callers see the same terms as without a recipe."""
+        return self.base.losses
+
     def set_weights(self, weights: Mapping[str, float]) -> None:
         self.base.set_weights(weights)
 

@@ -83,6 +83,7 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
         # `best` as it is now: the run folder may have moved (or been copied) since.
         return {**json.loads((out / RESULT_FILE).read_text()), "best": str(out / "best")}
     out.mkdir(parents=True, exist_ok=True)
+    check_splits(cfg, dataset)
     meta = read_meta(dataset)
     dims = dataset_dims(meta)
     train_tf, heldout_tf = transforms(cfg, fold, arch, dims)
@@ -123,6 +124,20 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
     calibration = calibrate_member(cfg, out / "best", arch, heldout) \
         if (out / "best").exists() else None
     return _finish(out, plan, result, time.perf_counter() - t0, calibration, counts["noise"])
+
+
+def check_splits(cfg: TrainJobConfig, dataset: str | Path) -> None:
+    """A clear error when the dataset lacks a split the folds need (val, for the default
+    open-set recipe), naming the settings that ask for it."""
+    have = set(read_meta(dataset).get("splits", {}))
+    missing = [s for s in cfg.fold_splits if s not in have]
+    if missing:
+        why = (f"openset.noise={cfg.openset.noise} folds val's clips in"
+               if "val" in missing and "val" not in cfg.folds.splits else
+               f"folds.splits={list(cfg.folds.splits)}")
+        raise ValueError(f"dataset {dataset} has no split {missing} ({why}); it has "
+                         f"{sorted(have)}. Train on train alone with openset.noise=none "
+                         "and folds.splits=[train]")
 
 
 def calibrates(cfg: TrainJobConfig, arch: str) -> bool:
@@ -249,6 +264,7 @@ def _final_state(result) -> dict:
 
 def train_kfold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path) -> list[dict]:
     """Every (fold, arch) of the config, then `RUN/ensemble.json`. Returns their results."""
+    check_splits(cfg, dataset)
     jobs = [(f, a) for f in cfg.folds.folds for a in cfg.model.archs]
     if cfg.folds.concurrent and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
