@@ -98,7 +98,7 @@ def main() -> int:
         *args.set])
     device = torch.device("cuda" if args.use_gpu else "cpu")
     if device.type == "cpu":  # one Ray Train CPU worker gets one thread's worth of cores
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker or 1)))
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     from rayvid.train.kfold import dataset_dims
 

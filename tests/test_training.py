@@ -37,6 +37,40 @@ def test_plan_spreads_the_size_invariant_total_over_epochs(tmp_path):
         plan_fold(cfg, 0, 11, 0, "M5", tmp_path)
 
 
+@pytest.mark.parametrize("items, cluster, want", [
+    ([], {"CPU": 2.0}, {"CPU": 1.0}),  # one worker, one CPU left for Ray Data
+    (["train.num_workers=2"], {"CPU": 2.0}, {"CPU": 0.5}),  # the 2-core hang, planned away
+    (["train.num_workers=3"], {"CPU": 16.0}, {"CPU": 1.0}),
+    (["train.num_workers=2", "folds.concurrent=true", "folds.run=[0,1]"], {"CPU": 4.0},
+     {"CPU": 0.75}),  # 2 fits x 2 workers share 3 CPUs
+    (["train.num_workers=2", "train.cpus_per_worker=0.5"], {"CPU": 2.0}, {"CPU": 0.5}),
+    (["train.num_workers=4", "train.use_gpu=true"], {"CPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}),
+])
+def test_worker_resources_always_leave_ray_data_a_cpu(items, cluster, want):
+    from rayvid.train.kfold import parallel_fits, worker_resources
+
+    cfg = _cfg(*items)
+    assert worker_resources(cfg, cluster, parallel_fits(cfg)) == want
+
+
+@pytest.mark.parametrize("items, cluster, named", [
+    (["train.num_workers=2", "train.cpus_per_worker=1"], {"CPU": 2.0},
+     "train.cpus_per_worker=0.5 fits"),
+    (["train.num_workers=1", "train.cpus_per_worker=2"], {"CPU": 2.0}, "train.data_cpus=1"),
+    ([], {"CPU": 1.0}, "cannot get 0.05 CPU each"),
+    (["train.data_cpus=4"], {"CPU": 4.0}, "lower train.data_cpus"),
+    (["train.num_workers=2", "folds.concurrent=true", "train.cpus_per_worker=1"],
+     {"CPU": 4.0}, "x 2 concurrent fits = 4 CPUs"),
+])
+def test_a_plan_that_would_hang_is_refused_naming_its_settings(items, cluster, named):
+    from rayvid.train.kfold import parallel_fits, worker_resources
+
+    cfg = _cfg(*items)
+    with pytest.raises(ValueError, match="train.num_workers") as e:
+        worker_resources(cfg, cluster, parallel_fits(cfg))
+    assert named in str(e.value) and f"{cluster['CPU']:g}" in str(e.value)
+
+
 def _progress_after(path: Path, epochs: int, timeout: float) -> dict:
     """The fold's progress.json (rank 0 writes it; an epoch is listed once its checkpoint was
     reported) once it lists `epochs` epochs."""
@@ -54,18 +88,21 @@ def _progress_after(path: Path, epochs: int, timeout: float) -> dict:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_fold_survives_a_killed_worker_checkpoints_and_is_skipped_when_done(
-        ray_local, sim_dataset, tmp_path):
+        ray_local, sim_dataset, tmp_path, workers):
     """One fold, the way a run trains it (one Train run: each costs a minute or more here):
-    SIGKILL the Train worker (its pid from progress.json) after two reported epochs; the run
-    restarts from the last registered checkpoint (FailureConfig), redoes at most the epoch
-    in flight, and finishes every epoch; its best checkpoint rebuilds the model alone; a
-    second call finds the fold finished and trains nothing, in place or in a copied run."""
+    SIGKILL the Train worker (rank 0's pid from progress.json) after two reported epochs;
+    the run restarts from the last registered checkpoint (FailureConfig), redoes at most the
+    epoch in flight, and finishes every epoch; its best checkpoint rebuilds the model alone;
+    a second call finds the fold finished and trains nothing, in place or in a copied run.
+    With two DDP workers (gloo) the whole group restarts and resumes the same way."""
     from rayvid.model.checkpoints import load_model
     from rayvid.train.kfold import train_fold
     from rayvid.train.worker import RESULT_FILE
 
-    cfg = _cfg("train.epochs=4", "optim.min_steps=1600", "train.max_failures=2")
+    cfg = _cfg("train.epochs=4", "optim.min_steps=1600", "train.max_failures=2",
+               f"train.num_workers={workers}")
     box = {}
     thread = threading.Thread(target=lambda: box.update(r=train_fold(cfg, sim_dataset, tmp_path, 0, "M5")))
     thread.start()
@@ -81,6 +118,7 @@ def test_a_fold_survives_a_killed_worker_checkpoints_and_is_skipped_when_done(
     assert done_at_kill - 1 <= result["restores"][0] <= done_at_kill + 1  # +1: it raced the kill
     assert all(0.0 <= h["fold_map"] <= 1.0 for h in result["history"])
     assert result["best_map"] == max(h["fold_map"] for h in result["history"])
+    assert all(len(h["rank_rows"]) == workers for h in result["history"])
     model, meta = load_model(result["best"])
     assert meta["extra"]["fold"] == 0 and model.num_classes == 41
     assert (Path(result["best"]) / "job_config.yaml").exists()
@@ -111,3 +149,35 @@ def test_plot_history_writes_a_whole_png_over_the_old_one(tmp_path):
     assert plot_history([{"fold": 0, "arch": "M5", "history": history}], path) == path
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [p.name for p in tmp_path.iterdir()] == ["training.png"]  # no temporary left
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_ddp_workers_read_their_own_shards_and_train_the_fold_one_worker_does(
+        ray_local, sim_dataset, tmp_path):
+    """The same fold with train.num_workers=1 and 2 (CPU, gloo): with two, each rank reads
+    its own equal shard of every epoch's stream (Ray Data's streaming split) and of the
+    held-out clips, the evaluation's all_gather merges both halves into the fold mAP of
+    every held-out clip, and the fold mAP is within noise of one worker's."""
+    from rayvid.data import pipeline as rdata
+    from rayvid.train.kfold import train_fold, transforms
+
+    common = ["train.epochs=2", "optim.min_steps=200"]
+    one = train_fold(_cfg(*common), sim_dataset, tmp_path / "one", 0, "M5")
+    two = train_fold(_cfg(*common, "train.num_workers=2"), sim_dataset, tmp_path / "two", 0, "M5")
+    cfg = _cfg(*common)
+    _, heldout_tf = transforms(cfg, 0, "M5")
+    heldout = rdata.clip_dataset(sim_dataset, cfg.fold_splits, heldout_tf).count()
+    for result, workers in ((one, 1), (two, 2)):
+        plan = result["plan"]
+        for h in result["history"]:
+            rows = h["rank_rows"]
+            assert len(rows) == workers and min(rows) > 0
+            assert max(rows) - min(rows) <= plan["repeats"] * workers  # an equal split
+            # every epoch's stream, read once across the ranks
+            # (an equal split drops at most workers - 1 rows of an epoch)
+            assert 0 <= plan["n_train"] * plan["repeats"] - sum(rows) < workers
+            assert len(h["rank_val_clips"]) == workers and sum(h["rank_val_clips"]) == heldout
+    # the same steps, each of a global batch twice the size: about twice the draws per clip
+    assert 1.9 <= two["plan"]["repeats"] / one["plan"]["repeats"] <= 2.1
+    assert abs(two["best_map"] - one["best_map"]) < 0.05, (one["best_map"], two["best_map"])

@@ -257,7 +257,13 @@ class TrainSection(Config):
 
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    # None: planned at fit time (`rayvid.train.kfold.worker_resources`): 1 CPU per worker
+    # where the cluster has room, a share of what is left after `data_cpus` where it has not.
+    cpus_per_worker: float | None = Field(None, gt=0)
+    # CPUs no Train worker may hold on a CPU-only cluster: Ray Data's reads and transforms
+    # run there (Train v2 hides its workers' CPUs from Ray Data; with none left it waits
+    # forever). A plan that leaves less fails before training, naming these settings.
+    data_cpus: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
     bf16: bool = True  # autocast on GPU only
     epochs: int = Field(5, ge=1)  # validation + checkpoint rounds over the run

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +32,10 @@ from rayvid.train.worker import (COLUMN_DTYPES, PROGRESS_FILE, RESULT_FILE, Fold
                                  input_columns, plan_fold, train_loop_per_worker)
 
 log = logging.getLogger(__name__)
+
+# A planned worker gets at least this share of a CPU (logical: Ray does not pin cores).
+MIN_WORKER_CPUS = 0.05
+
 
 def dataset_dims(meta: dict) -> tuple[int, int, int]:
     """(head, body, audio) feature dims of a prepared dataset (512 for a modality it lacks)."""
@@ -60,12 +65,59 @@ def transforms(cfg: TrainJobConfig, fold: int, arch: str = "M5",
     return train, heldout
 
 
+def parallel_fits(cfg: TrainJobConfig) -> int:
+    """How many (fold, arch) trainings run at once (`folds.concurrent`)."""
+    return len(cfg.folds.folds) * len(cfg.model.archs) if cfg.folds.concurrent else 1
+
+
+def worker_resources(cfg: TrainJobConfig, cluster: Mapping[str, float],
+                     parallel: int = 1) -> dict[str, float]:
+    """One Train worker's resources, planned so that Ray Data always has CPUs to run on.
+
+    Ray Train v2 reserves its workers' resources and Ray Data schedules its reads and
+    transforms in what is left: 2 workers x 1 CPU on a 2-CPU machine leave Data nothing,
+    and the run waits forever. On a CPU-only run, `parallel` fits x `train.num_workers`
+    workers may hold at most the cluster's CPUs less `train.data_cpus`: with
+    `train.cpus_per_worker` unset each worker gets min(1, that room / workers) CPUs, and a
+    set value that does not fit is refused here, with the settings named, before anything
+    starts. GPU runs take `cpus_per_worker` (default 1) and are not checked against the
+    CPUs the cluster has now: an autoscaling cluster adds its GPU nodes (and their CPUs)
+    when the workers ask for them."""
+    t = cfg.train
+    workers = t.num_workers * parallel
+    if t.use_gpu:
+        return {"CPU": t.cpus_per_worker or 1.0, "GPU": t.gpus_per_worker}
+    cpus = float(cluster.get("CPU", 0.0))
+    room = cpus - t.data_cpus
+    fix = (f"lower train.num_workers, or start Ray with more CPUs"
+           + (" (or folds.concurrent=false)" if parallel > 1 else ""))
+    if t.cpus_per_worker is None:
+        per = min(1.0, room / workers) if room > 0 else 0.0
+        if per < MIN_WORKER_CPUS:
+            raise ValueError(
+                f"the cluster has {cpus:g} CPUs: {workers} Train worker(s) "
+                f"(train.num_workers={t.num_workers}"
+                + (f" x {parallel} concurrent fits" if parallel > 1 else "")
+                + f") cannot get {MIN_WORKER_CPUS} CPU each with train.data_cpus={t.data_cpus:g} "
+                f"kept for Ray Data's reads: {fix}, or lower train.data_cpus")
+        return {"CPU": round(per, 4)}
+    if workers * t.cpus_per_worker > room + 1e-9:
+        fit = room / workers
+        hint = f"train.cpus_per_worker={fit:.4g} fits" if fit >= MIN_WORKER_CPUS else fix
+        raise ValueError(
+            f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g}"
+            + (f" x {parallel} concurrent fits" if parallel > 1 else "")
+            + f" = {workers * t.cpus_per_worker:g} CPUs, but the cluster has {cpus:g} and "
+            f"train.data_cpus={t.data_cpus:g} must stay free for Ray Data's reads, or the "
+            f"run would wait forever: {hint} (or leave train.cpus_per_worker unset to plan it)")
+    return {"CPU": t.cpus_per_worker}
+
+
 def _scaling(cfg: TrainJobConfig):
+    import ray
     from ray.train import ScalingConfig
 
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = cfg.train.gpus_per_worker
+    resources = worker_resources(cfg, ray.cluster_resources(), parallel_fits(cfg))
     return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                          resources_per_worker=resources)
 
@@ -112,7 +164,9 @@ def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fo
         datasets={"train": rdata.clip_dataset(dataset, cfg.fold_splits, train_tf,
                                               shuffle=True).select_columns(columns),
                   "val": heldout},
-        dataset_config=DataConfig(datasets_to_split="all"),
+        # train: an equal streaming split, one shard per rank; val: whole on every rank,
+        # which scores its own batches of it (`worker.evaluate`), so no clip is dropped
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=f"{cfg.name}-fold{fold}-{arch}", storage_path=str(run_dir / "ray_results"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -257,7 +311,8 @@ def _final_state(result) -> dict:
         return {}
     with ckpt.as_directory() as d:
         state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-    keep = ("epoch", "step", "loss", "fold_map", "fold_acc", "samples_per_s", "lr")
+    keep = ("epoch", "step", "loss", "fold_map", "fold_acc", "samples_per_s", "lr",
+            "rank_rows", "rank_val_clips")
     return {"history": [{k: h[k] for k in keep if k in h} for h in state["history"]],
             "restores": state.get("restores", [])}
 

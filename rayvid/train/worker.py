@@ -202,14 +202,20 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
     from ray.train import get_context
 
     rank, world = get_context().get_world_rank(), get_context().get_world_size()
-    topk, index, labels, correct, n = TopKPerIdentity(num_classes), [], [], 0, 0
+    topk, index, labels, correct, n, pos = TopKPerIdentity(num_classes), [], [], 0, 0, 0
     model.eval()
     with torch.inference_mode():
-        for b in shard.iter_batches(batch_size=2048, batch_format="numpy"):
+        # Every rank is handed the whole (materialized) held-out set, not a split of it: a
+        # streaming split into equal parts would drop up to world - 1 clips. Rank r scores
+        # batches r, r + world, ...; a clip's index is its position in the set.
+        for i, b in enumerate(shard.iter_batches(batch_size=2048, batch_format="numpy")):
+            start, pos = pos, pos + len(b["y"])
+            if i % world != rank:
+                continue
             args = [torch.from_numpy(np.asarray(b[c])).to(device, COLUMN_DTYPES[c])
                     for c in columns]
             scores = unwrap_model(model).score_outputs(model(*args)).cpu().numpy()
-            idx = np.arange(n, n + len(scores), dtype=np.int64) * world + rank  # globally unique
+            idx = np.arange(start, pos, dtype=np.int64)
             topk.update(idx, scores)
             index.append(idx), labels.append(b["y"])
             correct += int((scores.argmax(1) == b["y"]).sum())
@@ -228,7 +234,19 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
     label_of[all_index] = np.concatenate([p[2] for p in parts])
     total = sum(p[4] for p in parts)
     return {"fold_map": map_from_topk(merged, label_of) if total else 0.0,
-            "fold_acc": sum(p[3] for p in parts) / max(total, 1), "val_clips": total}
+            "fold_acc": sum(p[3] for p in parts) / max(total, 1), "val_clips": total,
+            "rank_val_clips": [int(p[4]) for p in parts]}
+
+
+def gather_counts(n: int) -> list[int]:
+    """`n` of every rank, in rank order (one all_gather; [n] on a single worker)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [int(n)]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, int(n))
+    return [int(p) for p in parts]
 
 
 class _Progress:
@@ -328,10 +346,12 @@ def train_loop_per_worker(config: dict) -> None:
             if progress is not None:
                 progress.update(step, f"{epoch + 1}/{plan.epochs}", loss_d, len(batch["y"]), lr)
         train_s = time.perf_counter() - t0
+        rank_rows = gather_counts(seen)  # each rank's own shard of the epoch
         metrics = evaluate(model, val_shard, plan.num_classes, device, columns)
         metrics.update(epoch=epoch + 1, step=step, loss=float(loss_sum) / max(n_batches, 1),
-                       samples_per_s=seen / max(train_s, 1e-9), lr=lr if n_batches else 0.0,
-                       fold=plan.fold, arch=plan.arch)
+                       samples_per_s=sum(rank_rows) / max(train_s, 1e-9),
+                       lr=lr if n_batches else 0.0, fold=plan.fold, arch=plan.arch,
+                       rank_rows=rank_rows)
         improved = metrics["fold_map"] > state["best_map"]
         state.update(epoch=epoch + 1, step=step, best_map=max(state["best_map"], metrics["fold_map"]))
         state["history"] = state["history"] + [metrics]
@@ -362,4 +382,6 @@ def _report(cfg, plan: FoldPlan, model, opt, state: dict, metrics: dict, improve
                 save_checkpoint(Path(plan.out_dir) / "best", model, job_config=to_dict(cfg),
                                 extra=extra)
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # per-rank lists stay in the checkpoint's history: Tune's loggers want scalars
+        ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)},
+                         checkpoint=checkpoint)
