@@ -86,51 +86,80 @@ def _progress_after(path: Path, epochs: int, timeout: float) -> dict:
     raise AssertionError(f"{path}: fewer than {epochs} epochs after {timeout} s")
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_fold_survives_a_killed_worker_checkpoints_and_is_skipped_when_done(
-        ray_local, sim_dataset, tmp_path, workers):
-    """One fold, the way a run trains it (one Train run: each costs a minute or more here):
-    SIGKILL the Train worker (rank 0's pid from progress.json) after two reported epochs;
-    the run restarts from the last registered checkpoint (FailureConfig), redoes at most the
-    epoch in flight, and finishes every epoch; its best checkpoint rebuilds the model alone;
-    a second call finds the fold finished and trains nothing, in place or in a copied run.
-    With two DDP workers (gloo) the whole group restarts and resumes the same way."""
-    from rayvid.model.checkpoints import load_model
+def _train_killing_rank0(cfg, dataset, run_dir: Path) -> tuple[dict, int]:
+    """train_fold in a thread; SIGKILL rank 0's worker (its pid from progress.json) once two
+    epochs are reported. (result, epochs done at the kill)."""
     from rayvid.train.kfold import train_fold
-    from rayvid.train.worker import RESULT_FILE
 
-    cfg = _cfg("train.epochs=4", "optim.min_steps=1600", "train.max_failures=2",
-               f"train.num_workers={workers}")
     box = {}
-    thread = threading.Thread(target=lambda: box.update(r=train_fold(cfg, sim_dataset, tmp_path, 0, "M5")))
+    thread = threading.Thread(target=lambda: box.update(r=train_fold(cfg, dataset, run_dir, 0, "M5")))
     thread.start()
-    progress = _progress_after(tmp_path / "folds" / "0" / "M5" / "progress.json", 2, 300)
-    done_at_kill = len(progress["epochs"])
+    progress = _progress_after(run_dir / "folds" / "0" / "M5" / "progress.json", 2, 300)
     os.kill(progress["pid"], signal.SIGKILL)
     thread.join(timeout=600)
-    result = box["r"]
-    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
-    assert len(result["restores"]) == 1
-    # resumed from a checkpoint, not from scratch; at most the last reported epoch (its
-    # checkpoint may still have been registering) and the one in flight are redone
-    assert done_at_kill - 1 <= result["restores"][0] <= done_at_kill + 1  # +1: it raced the kill
-    assert all(0.0 <= h["fold_map"] <= 1.0 for h in result["history"])
-    assert result["best_map"] == max(h["fold_map"] for h in result["history"])
-    assert all(len(h["rank_rows"]) == workers for h in result["history"])
-    model, meta = load_model(result["best"])
-    assert meta["extra"]["fold"] == 0 and model.num_classes == 41
-    assert (Path(result["best"]) / "job_config.yaml").exists()
+    return box["r"], len(progress["epochs"])
 
-    done = tmp_path / "folds" / "0" / "M5" / RESULT_FILE
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_fold_survives_a_killed_worker_with_one_and_two_ddp_workers(ray_local, sim_dataset,
+                                                                     tmp_path):
+    """One fold, the way a run trains it, with train.num_workers=1 and then 2 (CPU, gloo;
+    each Train run costs a minute or more here). Rank 0's worker is SIGKILLed after two
+    reported epochs; the run (the whole DDP group) restarts from the last registered
+    checkpoint (FailureConfig), redoes at most the epoch in flight and finishes every
+    epoch; its best checkpoint rebuilds the model alone; a second call finds the fold
+    finished and trains nothing, in place or in a copied run. With two workers each rank
+    reads its own equal shard of every epoch's stream (Ray Data's streaming split), the
+    evaluation's all_gather merges the ranks' batches of the held-out set into the fold mAP
+    of every held-out clip, and that mAP is within noise of one worker's."""
+    from rayvid.data import pipeline as rdata
+    from rayvid.model.checkpoints import load_model
+    from rayvid.train.kfold import train_fold, transforms
+    from rayvid.train.worker import RESULT_FILE
+
+    _, heldout_tf = transforms(_cfg(), 0, "M5")
+    heldout = rdata.clip_dataset(sim_dataset, _cfg().fold_splits, heldout_tf).count()
+    results = {}
+    for workers in (1, 2):
+        cfg = _cfg("train.epochs=4", "optim.min_steps=1600", "train.max_failures=2",
+                   f"train.num_workers={workers}")
+        run_dir = tmp_path / f"w{workers}"
+        result, done_at_kill = _train_killing_rank0(cfg, sim_dataset, run_dir)
+        results[workers] = result
+        assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
+        assert len(result["restores"]) == 1
+        # resumed from a checkpoint, not from scratch; at most the last reported epoch (its
+        # checkpoint may still have been registering) and the one in flight are redone
+        assert done_at_kill - 1 <= result["restores"][0] <= done_at_kill + 1  # +1: raced the kill
+        assert all(0.0 <= h["fold_map"] <= 1.0 for h in result["history"])
+        assert result["best_map"] == max(h["fold_map"] for h in result["history"])
+        plan = result["plan"]
+        for h in result["history"]:
+            rows = h["rank_rows"]
+            assert len(rows) == workers and min(rows) > 0
+            # every epoch's stream read once across the ranks, in equal shards (an equal
+            # split drops at most workers - 1 rows)
+            assert 0 <= plan["n_train"] * plan["repeats"] - sum(rows) < workers
+            assert max(rows) - min(rows) <= 1
+            assert len(h["rank_val_clips"]) == workers and sum(h["rank_val_clips"]) == heldout
+        model, meta = load_model(result["best"])
+        assert meta["extra"]["fold"] == 0 and model.num_classes == 41
+        assert (Path(result["best"]) / "job_config.yaml").exists()
+
+    done = tmp_path / "w2" / "folds" / "0" / "M5" / RESULT_FILE
     stamp = done.stat().st_mtime_ns
-    again = train_fold(cfg, sim_dataset, tmp_path, fold=0, arch="M5")  # finished: skipped
+    again = train_fold(cfg, sim_dataset, tmp_path / "w2", fold=0, arch="M5")  # finished: skipped
     assert again["best_map"] == result["best_map"] and done.stat().st_mtime_ns == stamp
-    moved = tmp_path.parent / (tmp_path.name + "-moved")  # a run folder copied elsewhere
-    shutil.copytree(tmp_path, moved)
+    moved = tmp_path / "w2-moved"  # a run folder copied elsewhere
+    shutil.copytree(tmp_path / "w2", moved)
     there = train_fold(cfg, sim_dataset, moved, fold=0, arch="M5")
     assert there["best"] == str(moved.resolve() / "folds" / "0" / "M5" / "best")
+
+    one, two = results[1], results[2]
+    # the same steps, each of a global batch twice the size: about twice the draws per clip
+    assert 1.9 <= two["plan"]["repeats"] / one["plan"]["repeats"] <= 2.1
+    assert abs(two["best_map"] - one["best_map"]) < 0.05, (one["best_map"], two["best_map"])
 
 
 def test_train_job_rejects_unknown_config_keys():
@@ -149,35 +178,3 @@ def test_plot_history_writes_a_whole_png_over_the_old_one(tmp_path):
     assert plot_history([{"fold": 0, "arch": "M5", "history": history}], path) == path
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [p.name for p in tmp_path.iterdir()] == ["training.png"]  # no temporary left
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_two_ddp_workers_read_their_own_shards_and_train_the_fold_one_worker_does(
-        ray_local, sim_dataset, tmp_path):
-    """The same fold with train.num_workers=1 and 2 (CPU, gloo): with two, each rank reads
-    its own equal shard of every epoch's stream (Ray Data's streaming split) and of the
-    held-out clips, the evaluation's all_gather merges both halves into the fold mAP of
-    every held-out clip, and the fold mAP is within noise of one worker's."""
-    from rayvid.data import pipeline as rdata
-    from rayvid.train.kfold import train_fold, transforms
-
-    common = ["train.epochs=2", "optim.min_steps=200"]
-    one = train_fold(_cfg(*common), sim_dataset, tmp_path / "one", 0, "M5")
-    two = train_fold(_cfg(*common, "train.num_workers=2"), sim_dataset, tmp_path / "two", 0, "M5")
-    cfg = _cfg(*common)
-    _, heldout_tf = transforms(cfg, 0, "M5")
-    heldout = rdata.clip_dataset(sim_dataset, cfg.fold_splits, heldout_tf).count()
-    for result, workers in ((one, 1), (two, 2)):
-        plan = result["plan"]
-        for h in result["history"]:
-            rows = h["rank_rows"]
-            assert len(rows) == workers and min(rows) > 0
-            assert max(rows) - min(rows) <= plan["repeats"] * workers  # an equal split
-            # every epoch's stream, read once across the ranks
-            # (an equal split drops at most workers - 1 rows of an epoch)
-            assert 0 <= plan["n_train"] * plan["repeats"] - sum(rows) < workers
-            assert len(h["rank_val_clips"]) == workers and sum(h["rank_val_clips"]) == heldout
-    # the same steps, each of a global batch twice the size: about twice the draws per clip
-    assert 1.9 <= two["plan"]["repeats"] / one["plan"]["repeats"] <= 2.1
-    assert abs(two["best_map"] - one["best_map"]) < 0.05, (one["best_map"], two["best_map"])
