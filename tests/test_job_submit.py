@@ -109,6 +109,7 @@ class LocalHead:
     env: dict[str, str]  # the environment clients (and the head) run with
     temp_dir: Path
     log_path: Path
+    gcs_address: str = ""  # 127.0.0.1:PORT, what a second node's `ray start --address` takes
 
     def log_tail(self, n: int = 60) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()
@@ -117,7 +118,7 @@ class LocalHead:
 
 def start_head(
     num_cpus: int = NUM_CPUS, auth_token: Path | None = None, timeout_s: float = 180,
-    attempts: int = 3,
+    attempts: int = 3, resources: dict[str, float] | None = None,
 ) -> LocalHead:
     """Start a Ray head on explicit free ports; return once it accepts jobs.
 
@@ -128,7 +129,7 @@ def start_head(
     """
     for attempt in range(1, attempts + 1):
         try:
-            return _start_head_once(num_cpus, auth_token, timeout_s)
+            return _start_head_once(num_cpus, auth_token, timeout_s, resources)
         except HeadExited:
             if attempt == attempts:
                 raise
@@ -140,7 +141,8 @@ class HeadExited(RuntimeError):
     """`ray start` exited before the head was ready."""
 
 
-def _start_head_once(num_cpus: int, auth_token: Path | None, timeout_s: float) -> LocalHead:
+def _start_head_once(num_cpus: int, auth_token: Path | None, timeout_s: float,
+                     resources: dict[str, float] | None = None) -> LocalHead:
     taken: set[int] = set()
     gcs, dash, agent_http, agent_grpc, client, node_mgr, obj_mgr, runtime_env, metrics = (
         _free_ports(9, taken)
@@ -161,6 +163,8 @@ def _start_head_once(num_cpus: int, auth_token: Path | None, timeout_s: float) -
         f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
         "--include-dashboard=true", "--disable-usage-stats",
     ]  # fmt: skip
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
     if _unshare_works():
         cmd = ["unshare", "-p", "-f", "--mount-proc", "--kill-child", *cmd]
     env = _base_env(auth_token)
@@ -169,7 +173,8 @@ def _start_head_once(num_cpus: int, auth_token: Path | None, timeout_s: float) -
         proc = subprocess.Popen(
             cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    head = LocalHead(proc, f"http://127.0.0.1:{dash}", env, temp_dir, log_path)
+    head = LocalHead(proc, f"http://127.0.0.1:{dash}", env, temp_dir, log_path,
+                     gcs_address=f"127.0.0.1:{gcs}")
     try:
         # The job API answers first; submissions fail ("No available agent") until the
         # head's dashboard agent, which runs the jobs, listens too.
@@ -403,3 +408,117 @@ def test_train_smoke_test_job(head: LocalHead, tmp_path: Path):
         assert (ckpt / "model.pt").is_file(), ckpt
         config = json.loads((ckpt / "model_config.json").read_text())
         assert config["arch"] == "cosine_mlp" and config["extra"]["calibration"]["a"] > 0
+
+
+# ------------------------------------------------------------------ two nodes on one machine
+
+
+def start_worker_node(head: LocalHead, num_cpus: int, resources: dict[str, float],
+                      timeout_s: float = 180) -> LocalHead:
+    """A second node: `ray start --address=<head's GCS> --block` with its own CPUs, custom
+    resources and ports, in its own process tree (and pid namespace where unshare works),
+    joined to `head`; returns once the head lists two alive nodes. Stop it with `stop_head`."""
+    taken: set[int] = set()
+    # Its own temp dir, as a real node has its own disk: two runtime-env agents unpacking
+    # the job's working_dir into one session folder race (a module went missing mid-import).
+    temp_dir = Path(tempfile.mkdtemp(prefix="rvray2-", dir="/tmp"))
+    node_mgr, obj_mgr, agent_http, agent_grpc, runtime_env, metrics = _free_ports(6, taken)
+    min_worker, max_worker = _free_port_range(N_WORKER_PORTS, taken)
+    cmd = [
+        RAY, "start", f"--address={head.gcs_address}", "--block",
+        f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+        f"--min-worker-port={min_worker}", f"--max-worker-port={max_worker}",
+        f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    if _unshare_works():
+        cmd = ["unshare", "-p", "-f", "--mount-proc", "--kill-child", *cmd]
+    log_path = temp_dir / "ray-start.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=head.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    node = LocalHead(proc, head.dashboard_url, head.env, temp_dir, log_path)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(alive_nodes(head)) < 2:
+            if proc.poll() is not None:
+                raise HeadExited(f"the second `ray start` exited {proc.returncode}:\n"
+                                 f"{node.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no second node after {timeout_s}s:\n{node.log_tail()}")
+            time.sleep(1)
+    except BaseException:
+        stop_head(node)
+        raise
+    return node
+
+
+def state_list(head: LocalHead, kind: str, limit: int = 10000) -> list[dict]:
+    """`ray list <kind> --detail` against the head's state API, as JSON rows."""
+    res = ray_cli(head, "list", kind, f"--address={head.dashboard_url}", "--detail",
+                  "--format=json", f"--limit={limit}", timeout_s=120)
+    assert res.returncode == 0, f"ray list {kind}: {res.stderr[-2000:]}"
+    return json.loads(res.stdout[res.stdout.index("["):])
+
+
+def alive_nodes(head: LocalHead) -> dict[str, dict]:
+    """{node id: node row} of the alive nodes."""
+    try:
+        rows = state_list(head, "nodes")
+    except (AssertionError, ValueError, subprocess.TimeoutExpired):
+        return {}  # the state API is not up yet
+    return {r["node_id"]: r for r in rows if r["state"] == "ALIVE"}
+
+
+@pytest.mark.timeout(1200)
+def test_two_node_cluster_spreads_data_reads_and_train_workers(tmp_path: Path):
+    """issue 14: "streams the feature set across nodes", shown. A head and a second node
+    on this machine (`ray start --head`, `ray start --address`), 2 logical CPUs and a
+    custom resource each; `ray job submit` of the smoke training with two DDP workers
+    spread over the nodes (`train.placement_strategy=SPREAD`). Asserted from the job's
+    own record (each rank's node id in the fold history, each rank's rows) and from
+    Ray's state API (the nodes that ran Ray Data's read tasks): both nodes did both."""
+    head = start_head(num_cpus=2, resources={"rayvid_head": 1})
+    try:
+        node = start_worker_node(head, num_cpus=2, resources={"rayvid_node2": 1})
+        try:
+            nodes = alive_nodes(head)
+            assert len(nodes) == 2
+            by_resource = {next(k for k in n["resources_total"] if k.startswith("rayvid_")): i
+                           for i, n in nodes.items()}
+            assert set(by_resource) == {"rayvid_head", "rayvid_node2"}, nodes
+            run_dir = tmp_path / "run"
+            entry = ["python", "jobs/train.py", "--smoke-test", "--out", str(run_dir),
+                     "--set", "train.num_workers=2", "--set", "train.placement_strategy=SPREAD"]
+            t0 = time.monotonic()
+            job_id, res = submit(head, entry, timeout_s=900)
+            print(f"job took {time.monotonic() - t0:.0f}s; its output ends:\n{res.stdout[-2000:]}")
+            assert res.returncode == 0, _explain(res, head)
+            assert job_status(head, job_id) == "SUCCEEDED"
+
+            # Train: one DDP rank on each node, each with rows of its own shard
+            results = list(run_dir.glob("folds/*/*/result.json"))
+            assert results, sorted(p.name for p in run_dir.iterdir())
+            last = json.loads(results[0].read_text())["history"][-1]
+            assert sorted(last["rank_nodes"]) == sorted(nodes), (last, nodes)
+            assert len(last["rank_rows"]) == 2 and min(last["rank_rows"]) > 0, last
+            actors = [a for a in state_list(head, "actors")
+                      if "TrainWorker" in a["class_name"]]
+            assert {a["node_id"] for a in actors} == set(nodes), actors
+
+            # Data: Ray Data's read tasks ran on both nodes
+            tasks = state_list(head, "tasks")
+            reads = [t for t in tasks if "Read" in t["name"] and t.get("node_id")]
+            where = {}
+            for t in reads:
+                where.setdefault(t["node_id"], set()).add(t["name"])
+            print({i[:8]: sorted(v)[:3] for i, v in where.items()})
+            assert set(where) == set(nodes), (
+                f"read tasks ran on {sorted(where)}, nodes are {sorted(nodes)}; "
+                f"{len(reads)} of {len(tasks)} tasks are reads")
+        finally:
+            stop_head(node)
+    finally:
+        stop_head(head)

@@ -265,6 +265,10 @@ class TrainSection(Config):
     # forever). A plan that leaves less fails before training, naming these settings.
     data_cpus: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
+    # Ray Train's placement group strategy for the workers: PACK fills a node first (the
+    # DDP all-reduce stays on one host); SPREAD puts them on different nodes (each node's
+    # CPUs and disk then serve its own worker's reads). STRICT_* fail instead of bending.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     bf16: bool = True  # autocast on GPU only
     epochs: int = Field(5, ge=1)  # validation + checkpoint rounds over the run
     max_failures: int = Field(2, ge=-1)  # -1: retry forever (Ray's FailureConfig)

@@ -119,7 +119,8 @@ def _scaling(cfg: TrainJobConfig):
 
     resources = worker_resources(cfg, ray.cluster_resources(), parallel_fits(cfg))
     return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                         resources_per_worker=resources)
+                         resources_per_worker=resources,
+                         placement_strategy=cfg.train.placement_strategy)
 
 
 def train_fold(cfg: TrainJobConfig, dataset: str | Path, run_dir: str | Path, fold: int,
@@ -312,7 +313,7 @@ def _final_state(result) -> dict:
     with ckpt.as_directory() as d:
         state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     keep = ("epoch", "step", "loss", "fold_map", "fold_acc", "samples_per_s", "lr",
-            "rank_rows", "rank_val_clips")
+            "rank_rows", "rank_val_clips", "rank_nodes")
     return {"history": [{k: h[k] for k in keep if k in h} for h in state["history"]],
             "restores": state.get("restores", [])}
 

@@ -238,15 +238,20 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
             "rank_val_clips": [int(p[4]) for p in parts]}
 
 
-def gather_counts(n: int) -> list[int]:
-    """`n` of every rank, in rank order (one all_gather; [n] on a single worker)."""
+def gather_objects(x: Any) -> list:
+    """`x` of every rank, in rank order (one all_gather; [x] on a single worker)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [int(n)]
+        return [x]
     parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, int(n))
-    return [int(p) for p in parts]
+    dist.all_gather_object(parts, x)
+    return parts
+
+
+def gather_counts(n: int) -> list[int]:
+    """`n` of every rank, in rank order."""
+    return [int(p) for p in gather_objects(int(n))]
 
 
 class _Progress:
@@ -324,6 +329,8 @@ def train_loop_per_worker(config: dict) -> None:
     progress = _Progress(f"fold {plan.fold} {plan.arch}", plan.out_dir, plan.total_steps,
                          cfg.train.log_every_s, state["step"], state["history"]) \
         if rank == 0 else None
+    # where each rank runs (Ray node ids), in the history: a multi-node run can be checked
+    rank_nodes = gather_objects(ray.get_runtime_context().get_node_id())
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     step = state["step"]
@@ -351,7 +358,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(epoch=epoch + 1, step=step, loss=float(loss_sum) / max(n_batches, 1),
                        samples_per_s=sum(rank_rows) / max(train_s, 1e-9),
                        lr=lr if n_batches else 0.0, fold=plan.fold, arch=plan.arch,
-                       rank_rows=rank_rows)
+                       rank_rows=rank_rows, rank_nodes=rank_nodes)
         improved = metrics["fold_map"] > state["best_map"]
         state.update(epoch=epoch + 1, step=step, best_map=max(state["best_map"], metrics["fold_map"]))
         state["history"] = state["history"] + [metrics]
