@@ -124,7 +124,12 @@ class TreeWatch(threading.Thread):
         mib = 1024 / MiB
         return {"driver_mib": round(driver["hwm"] * mib), "driver_anon_mib": round(driver["anon"] * mib),
                 "worker_mib": round(top["hwm"] * mib), "worker_anon_mib": round(top["anon"] * mib),
-                "worker": top["name"], "worker_roles": top.get("names", [])[:6], "processes": len(self.procs),
+                "worker": top["name"], "worker_roles": top.get("names", [])[:6],
+                "largest_private": [  # the processes with the most private memory (RssAnon)
+                    {"name": p["name"], "anon_mib": round(p["anon"] * mib),
+                     "hwm_mib": round(p["hwm"] * mib)}
+                    for p in sorted(self.procs.values(), key=lambda p: -p["anon"])[:4]],
+                "processes": len(self.procs),
                 "tree_rss_peak_mib": round(self.tree_peak * mib)}
 
 

@@ -116,3 +116,35 @@ def test_topk_to_submission_round_trip(tmp_path):
     assert read_submission(tmp_path / "sub.txt") == {
         j: [names[c] + ".mp4" for c, _ in pairs] for j, pairs in expected.items()
     }
+
+
+def test_streamed_submission_at_10035_identities_matches_and_stays_small(tmp_path):
+    """write_submission from `iter_ranked_clips` (predict's path) writes the same file as
+    from `ranked_clips`, and score_files reads it a line at a time: at 10,035 identities
+    x 100 clips neither builds the 1M-name ranking (tracemalloc peak, numpy and Python)."""
+    import tracemalloc
+
+    from rayvid.core.metrics import score_files
+
+    c, n = 10_035, 20_000
+    rng = np.random.default_rng(1)
+    acc = TopKPerIdentity(c)
+    for lo in range(0, n, 1000):
+        acc.update(np.arange(lo, lo + 1000), rng.random((1000, c), dtype=np.float32))
+    names = [f"clip{i:06d}" for i in range(n)]
+    whole, streamed = tmp_path / "whole.txt", tmp_path / "streamed.txt"
+    write_submission(whole, acc.ranked_clips(names))
+    tracemalloc.start()
+    try:
+        write_submission(streamed, acc.iter_ranked_clips(names))
+        _, write_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        gt = tmp_path / "gt.txt"
+        gt.write_text("".join(f"{i} {names[2 * i - 2]}.mp4 {names[2 * i - 1]}.mp4\n" for i in range(1, 9001)))
+        got = score_files(gt, streamed, max_id=c)
+        _, score_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert streamed.read_bytes() == whole.read_bytes()
+    assert 0.0 <= got <= 1.0
+    assert write_peak < 40 << 20 and score_peak < 40 << 20, (write_peak >> 20, score_peak >> 20)

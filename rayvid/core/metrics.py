@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rayvid.core.formats import (MAX_RANK, NUM_IDENTITIES, check_ranking_length, clip_stem,
-                                 dedupe_ranking, read_gt, read_submission)
+                                 dedupe_ranking, iter_submission, read_gt, read_submission)
 
 _CHUNK_BYTES = 64 << 20  # working-set budget of one identity chunk in map_from_scores
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -96,11 +96,18 @@ def score_files(
 
     clips: score a part of the split only (the unseen part of val): the gt keeps these
     clips, and an identity none of whose gt clips is among them drops out. The submission
-    must then rank only these clips (a prediction of that part)."""
+    must then rank only these clips (a prediction of that part). The submission is read
+    one line at a time (`iter_submission`, the same checks as `read_submission`)."""
     gt = read_gt(gt_path, max_id)
     if clips is not None:
         gt = restrict_gt(gt, clips)
-    return mean_average_precision(gt, read_submission(submission_path))
+    if not gt:
+        raise ValueError("score_identities: the ground truth has no identities")
+    total = 0.0
+    for identity, ranking in iter_submission(submission_path):
+        if identity in gt:
+            total += average_precision(ranking, set(gt[identity]))
+    return total / len(gt)  # an identity missing from the submission adds 0
 
 
 def restrict_gt(gt: Mapping[int, Sequence[str]], clips: AbstractSet[str]
@@ -110,6 +117,16 @@ def restrict_gt(gt: Mapping[int, Sequence[str]], clips: AbstractSet[str]
     keys = {clip_stem(c) for c in clips}
     out = {i: [c for c in cs if clip_stem(c) in keys] for i, cs in gt.items()}
     return {i: cs for i, cs in out.items() if cs}
+
+
+SCORE_ROWS_BYTES = 32 << 20  # an (n, C) float32 score block of a scoring loop stays below this
+
+
+def score_rows(num_classes: int, cap: int = 4096, budget: int = SCORE_ROWS_BYTES) -> int:
+    """Rows per scoring step so that one (rows, num_classes) float32 block fits `budget`:
+    a loop that scores clips against every identity then holds the same memory whatever the
+    number of identities (2048 rows at 1,001 classes with cap 2048; 836 at 10,035)."""
+    return max(1, min(cap, budget // (4 * max(int(num_classes), 1))))
 
 
 # ----------------------------------------------------------------- ranking as uint64 keys

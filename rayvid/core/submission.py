@@ -14,12 +14,12 @@ the same rule `rayvid.core.metrics.map_from_scores` uses for fold mAP.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from rayvid.core.atomic import write_text
+from rayvid.core.atomic import atomic_path
 from rayvid.core.formats import MAX_RANK, submission_line
 from rayvid.core.metrics import rank_keys, top_keys, unpack_rank_keys
 
@@ -27,18 +27,28 @@ _CHUNK_BYTES = 64 << 20  # working-set budget of one column chunk in TopKPerIden
 
 
 def write_submission(
-    path: str | Path, ranked: Mapping[int, Sequence[str]], top_k: int = MAX_RANK
+    path: str | Path,
+    ranked: Mapping[int, Sequence[str]] | Iterable[tuple[int, Sequence[str]]],
+    top_k: int = MAX_RANK,
 ) -> None:
     """Write a submission: one line `<id> <clip>.mp4 ...` per identity, ids ascending.
 
-    ranked: {id: clip names best first, with or without `.mp4` (appended when missing)};
-    repeats are dropped (first kept) and at most top_k clips written per id
-    (`rayvid.core.formats.submission_line`). Written whole or not at all (`core.atomic`).
+    ranked: {id: clip names best first, with or without `.mp4` (appended when missing)}, or
+    (id, names) pairs in ascending id order (streamed: `TopKPerIdentity.iter_ranked_clips`,
+    never the whole ranking in memory); repeats are dropped (first kept) and at most top_k
+    clips written per id (`rayvid.core.formats.submission_line`). Written whole or not at
+    all (`core.atomic`).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    lines = [submission_line(int(i), ranked[i], top_k) for i in sorted(ranked)]
-    write_text(path, "".join(line + "\n" for line in lines))
+    pairs = ((i, ranked[i]) for i in sorted(ranked)) if isinstance(ranked, Mapping) else ranked
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        last = None
+        for i, clips in pairs:
+            if last is not None and int(i) <= last:
+                raise ValueError(f"write_submission: ids must ascend, got {i} after {last}")
+            last = int(i)
+            f.write(submission_line(int(i), clips, top_k) + "\n")
 
 
 class TopKPerIdentity:
@@ -131,3 +141,15 @@ class TopKPerIdentity:
     def ranked_clips(self, clip_names: Sequence[str]) -> dict[int, list[str]]:
         """`ranked()` with clip indices mapped to names: clip_names[clip_index]."""
         return {i: [clip_names[c] for c, _ in pairs] for i, pairs in self.ranked().items()}
+
+    def iter_ranked_clips(self, clip_names: Sequence[str], chunk: int = 1024
+                          ) -> Iterator[tuple[int, list[str]]]:
+        """(id, clip names best first) for ids 1..num_classes-1 ascending, as `ranked_clips`
+        gives them, sorted `chunk` identities at a time: at 10,035 identities the whole
+        ranking as Python objects (~1M names and tuples) is never built."""
+        for lo in range(1, self.num_classes, chunk):
+            keys = top_keys(self._keys[lo:lo + chunk], self.k)
+            index, _ = unpack_rank_keys(keys)
+            filled = (keys != 0).sum(axis=1)
+            for j in range(keys.shape[0]):
+                yield lo + j, [clip_names[c] for c in index[j, : filled[j]].tolist()]

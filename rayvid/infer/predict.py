@@ -44,7 +44,7 @@ from rayvid.release import schema
 from rayvid.model import run_folder
 from rayvid.core.fusion import Weighting, offsets_from_counts
 from rayvid.core.formats import MAX_RANK, GroundTruthError, read_gt
-from rayvid.core.metrics import rank_keys, score_files, top_keys, unpack_rank_keys
+from rayvid.core.metrics import rank_keys, score_files, score_rows, top_keys, unpack_rank_keys
 from rayvid.core.submission import TopKPerIdentity, write_submission
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,40 @@ def score_table(clips: np.ndarray, ok: np.ndarray, scores: np.ndarray, top_k_cli
     n = len(clips)
     ids, vals = top_classes(scores, top_k_clip)
     rows, cand_ids, cand_scores = batch_candidates(scores, top_k_identity)
+    return _scored(clips, ok, ids, vals, rows, cand_ids, cand_scores)
+
+
+def score_table_chunked(clips: np.ndarray, ok: np.ndarray, score_fn, n: int, num_classes: int,
+                        top_k_clip: int, top_k_identity: int, rows: int | None = None) -> pa.Table:
+    """`score_table` of a batch whose (n, C) score matrix is never held whole: `score_fn(lo,
+    hi)` scores rows lo:hi, `rows` at a time (default `score_rows(C)`, a 32 MiB block), and
+    each identity's top-k rows of the batch are kept as a running (C, k) array of rank keys
+    between the steps. The same table as `score_table(clips, ok, score_fn(0, n), ...)`."""
+    from rayvid.core.submission import TopKPerIdentity
+
+    step = rows or score_rows(num_classes)
+    if n <= step or num_classes < 2:
+        return score_table(clips, ok, score_fn(0, n), top_k_clip, top_k_identity)
+    k_clip = min(top_k_clip, num_classes)
+    ids, vals = np.empty((n, k_clip), np.int32), np.empty((n, k_clip), np.float32)
+    best = TopKPerIdentity(num_classes, min(top_k_identity, n))
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        block = np.asarray(score_fn(lo, hi), np.float32)
+        ids[lo:hi], vals[lo:hi] = top_classes(block, top_k_clip)
+        best.update(np.arange(lo, hi, dtype=np.int64), block)
+        del block
+    keys = best.keys[1:]  # (C - 1, k): identity c's best rows; column 0 is never ranked
+    row, score = unpack_rank_keys(keys)
+    cand = np.broadcast_to(np.arange(1, num_classes, dtype=np.int32)[:, None], keys.shape)
+    filled = keys != 0
+    row, cand, score = row[filled], cand[filled], score[filled]
+    order = np.lexsort((cand, row))  # by row, then identity: what batch_candidates gives
+    return _scored(clips, ok, ids, vals, row[order], cand[order], score[order])
+
+
+def _scored(clips, ok, ids, vals, rows, cand_ids, cand_scores) -> pa.Table:
+    n = len(clips)
     per_clip = np.full(n, ids.shape[1], np.int64)
     cand_counts = np.bincount(rows, minlength=n)
     return pa.Table.from_arrays([
@@ -247,10 +281,15 @@ class EnsembleScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from rayvid.core.inputs import answerable
 
-        scores = self.ensemble.scores(batch)
         # ok: some member answers for the clip (the endpoint's `usable`, same rule)
         ok = answerable(self.ensemble.input_kinds, batch)
-        return score_table(batch["clip"], ok, scores, self.top_k_clip, self.top_k_identity)
+        n = len(batch["clip"])
+        # scored a block of rows at a time: with 10,035 identities a 4096-clip batch's whole
+        # score matrix (and its rank keys) would be ~0.5 GB in every actor
+        return score_table_chunked(
+            batch["clip"], ok, lambda lo, hi: self.ensemble.scores(
+                {c: v[lo:hi] for c, v in batch.items()}),
+            n, self.ensemble.num_classes, self.top_k_clip, self.top_k_identity)
 
 
 class VoteScorer(EnsembleScorer):
@@ -363,8 +402,10 @@ def fold_stream(batches: Iterable[pa.Table], acc: TopKPerIdentity,
         not_ok += n - int(pc.sum(table.column("ok")).as_py() or 0)
         counts = pc.list_value_length(table.column("cand_ids")).to_numpy(zero_copy_only=False)
         rows = np.repeat(np.arange(base, base + n, dtype=np.int64), counts)
-        acc.update_sparse(rows, schema.list_values(table, "cand_ids"),
-                      schema.list_values(table, "cand_scores"))
+        ids, scores = schema.list_values(table, "cand_ids"), schema.list_values(table, "cand_scores")
+        step = 1 << 18  # candidates folded per call: ~20 MB of temporaries at any size
+        for lo in range(0, len(rows), step):
+            acc.update_sparse(rows[lo:lo + step], ids[lo:lo + step], scores[lo:lo + step])
         if writer is not None:
             writer.write_table(table.select(PER_CLIP_SCHEMA.names))
         if time.perf_counter() - last >= progress_s:
@@ -444,7 +485,7 @@ def predict_split(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, sp
         # Driver batches the size of the actors' keep <= 2 x top_k candidates per identity.
         batches = ds.iter_batches(batch_size=batch_size, batch_format="pyarrow")
         names, not_ok = fold_stream(batches, acc, writer)
-    write_submission(out_path, acc.ranked_clips(names), top_k_identity)
+    write_submission(out_path, acc.iter_ranked_clips(names), top_k_identity)
     seconds = time.perf_counter() - t0
     summary = {"split": split, "clips": len(names), "not_ok": not_ok, "seconds": round(seconds, 3),
                "clips_per_s": round(len(names) / max(seconds, 1e-9), 1),

@@ -12,7 +12,7 @@ import numpy as np
 
 from rayvid.data import pipeline as rdata
 from rayvid.core.fusion import Weighting
-from rayvid.core.metrics import map_from_topk
+from rayvid.core.metrics import map_from_topk, score_rows
 from rayvid.core.submission import TopKPerIdentity
 
 
@@ -51,7 +51,8 @@ def rank_split(dataset: str, split: str, means: np.ndarray, weighting: Weighting
     tf = rdata.ClipTransform(mode="qff", weighting=weighting, folds=folds, with_clip=True,
                              val_part=part, unseen_fraction=unseen_fraction)
     topk, names, labels = TopKPerIdentity(len(means)), [], []
-    for b in rdata.clip_dataset(dataset, [split], tf).iter_batches(batch_size=2048,
+    rows = score_rows(len(means), 2048)  # a (rows, C) score block of bounded size
+    for b in rdata.clip_dataset(dataset, [split], tf).iter_batches(batch_size=rows,
                                                                     batch_format="numpy"):
         idx = np.arange(len(names), len(names) + len(b["y"]))
         topk.update(idx, prototype_scores(b["x"], means))

@@ -210,6 +210,7 @@ def calibrate_member(cfg: TrainJobConfig, best: Path, arch: str, heldout) -> dic
     import numpy as np
     import torch
 
+    from rayvid.core.metrics import score_rows
     from rayvid.model.calibration import fit_outputs, write_calibration
     from rayvid.model.checkpoints import load_model
 
@@ -218,7 +219,8 @@ def calibrate_member(cfg: TrainJobConfig, best: Path, arch: str, heldout) -> dic
 
     def outputs():
         with torch.inference_mode():
-            for b in heldout.iter_batches(batch_size=2048, batch_format="numpy"):
+            for b in heldout.iter_batches(batch_size=score_rows(model.num_classes, 2048),
+                                          batch_format="numpy"):
                 args = [torch.from_numpy(np.array(b[c])).to(COLUMN_DTYPES[c]) for c in columns]
                 yield model(*args).float().numpy(), b["y"]
 

@@ -29,7 +29,7 @@ import torch
 from rayvid.model.checkpoints import save_checkpoint, unwrap_model
 from rayvid.config import from_dict, to_dict
 from rayvid.model.losses import LossSchedule, MixedLoss, OpenSetLoss
-from rayvid.core.metrics import map_from_topk
+from rayvid.core.metrics import map_from_topk, score_rows
 from rayvid.core.inputs import COLUMNS
 from rayvid.model.architectures import COSINE_HEADS, MLP_ARCHS, build_model, input_kind_of
 from rayvid.model.schedules import LRSchedule, apply
@@ -208,7 +208,10 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
         # Every rank is handed the whole (materialized) held-out set, not a split of it: a
         # streaming split into equal parts would drop up to world - 1 clips. Rank r scores
         # batches r, r + world, ...; a clip's index is its position in the set.
-        for i, b in enumerate(shard.iter_batches(batch_size=2048, batch_format="numpy")):
+        # rows per batch bounded by the (rows, C) score block: the same memory at 10,035
+        # identities as at 1,000 (score_rows)
+        for i, b in enumerate(shard.iter_batches(batch_size=score_rows(num_classes, 2048),
+                                                 batch_format="numpy")):
             start, pos = pos, pos + len(b["y"])
             if i % world != rank:
                 continue
