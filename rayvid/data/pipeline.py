@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from rayvid.core import fusion, inputs
 from rayvid.release import schema, strat
+from rayvid.release.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,12 @@ class ClipTransform:
                                 heads, bodies, audio)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        try:
+            return self._transform(batch)
+        finally:  # a map worker runs thousands of batches: keep its heap from growing
+            release_memory()
+
+    def _transform(self, batch: pa.Table) -> dict[str, np.ndarray]:
         batch = self.select_rows(batch)
         parts = self.parts(batch)
         labels = pc.fill_null(batch.column("label"), -1).to_numpy().astype(np.int64)

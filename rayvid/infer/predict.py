@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from rayvid.data import pipeline as data
 from rayvid.release import schema
+from rayvid.release.memory import release_memory
 from rayvid.model import run_folder
 from rayvid.core.fusion import Weighting, offsets_from_counts
 from rayvid.core.formats import MAX_RANK, GroundTruthError, read_gt
@@ -286,10 +287,12 @@ class EnsembleScorer:
         n = len(batch["clip"])
         # scored a block of rows at a time: with 10,035 identities a 4096-clip batch's whole
         # score matrix (and its rank keys) would be ~0.5 GB in every actor
-        return score_table_chunked(
+        table = score_table_chunked(
             batch["clip"], ok, lambda lo, hi: self.ensemble.scores(
                 {c: v[lo:hi] for c, v in batch.items()}),
             n, self.ensemble.num_classes, self.top_k_clip, self.top_k_identity)
+        release_memory()  # the blocks' freed arrays back to the OS: flat over a whole split
+        return table
 
 
 class VoteScorer(EnsembleScorer):
@@ -319,6 +322,7 @@ class VoteScorer(EnsembleScorer):
         parts = self.transform.parts(batch)
         built = build(parts, self.transform.spec)
         scores = self.voting.scores(built, parts.faces)
+        release_memory()
         ok = answerable(self.ensemble.input_kinds, built)
         clips = batch.column("clip").to_numpy(zero_copy_only=False)
         return score_table(clips, ok, scores, self.top_k_clip, self.top_k_identity)
@@ -408,6 +412,7 @@ def fold_stream(batches: Iterable[pa.Table], acc: TopKPerIdentity,
             acc.update_sparse(rows[lo:lo + step], ids[lo:lo + step], scores[lo:lo + step])
         if writer is not None:
             writer.write_table(table.select(PER_CLIP_SCHEMA.names))
+        release_memory()
         if time.perf_counter() - last >= progress_s:
             last = time.perf_counter()
             log.info("predict: %d clips, %.0f clips/s", len(names), len(names) / (last - t0))

@@ -16,8 +16,6 @@ returned in `SpillResult.skipped` ("skip"); the caller decides what the run does
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import resource
 import time
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid.release import bucketing
+from rayvid.release.memory import release_memory
 from rayvid.release.clip_values import BadClipError, clip_name, parse_audio, parse_detections
 from rayvid.release.pickle_reader import iter_dict_items
 from rayvid.release.schema import COUNT_COLUMN, DATASET_SCHEMA, MODALITIES
@@ -44,25 +43,6 @@ CANCEL_CHECK_ITEMS = 256
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _libc_malloc_trim() -> ctypes._CFuncPtr | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS after a task, so the next one starts low:
-    glibc keeps the walker's freed arrays (~70 MB after a 250 MB pickle) and mimalloc
-    pyarrow's freed buffers resident otherwise."""
-    pa.default_memory_pool().release_unused()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 @dataclass(frozen=True)

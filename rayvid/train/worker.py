@@ -35,6 +35,7 @@ from rayvid.model.architectures import COSINE_HEADS, MLP_ARCHS, build_model, inp
 from rayvid.model.schedules import LRSchedule, apply
 from rayvid.core.atomic import write_json
 from rayvid.core.submission import TopKPerIdentity
+from rayvid.release.memory import release_memory
 from rayvid.train.config import TrainJobConfig
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ def evaluate(model: torch.nn.Module, shard, num_classes: int, device: torch.devi
             index.append(idx), labels.append(b["y"])
             correct += int((scores.argmax(1) == b["y"]).sum())
             n += len(scores)
+    release_memory()
     local = (topk, np.concatenate(index) if index else np.zeros(0, np.int64),
              np.concatenate(labels) if labels else np.zeros(0, np.int64), correct, n)
     parts = [local]
