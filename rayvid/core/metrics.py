@@ -102,7 +102,7 @@ def score_files(
     if clips is not None:
         gt = restrict_gt(gt, clips)
     if not gt:
-        raise ValueError("score_identities: the ground truth has no identities")
+        raise ValueError(f"score_files: {gt_path} has no identities to score")
     total = 0.0
     for identity, ranking in iter_submission(submission_path):
         if identity in gt:
